@@ -1,0 +1,1 @@
+"""LEGO: block-by-block pre-training of transformer LMs with TRUE token-level early exit."""

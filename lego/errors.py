@@ -1,0 +1,17 @@
+"""User-facing errors: each carries a one-line message that names what is wrong and how to fix it.
+
+The runner catches `LEGOError` and prints only its message (the traceback only with HYDRA_FULL_ERROR=1
+or `debug=true`), then exits non-zero.
+"""
+
+
+class LEGOError(Exception):
+    """Base class for errors caused by user input (config, data, files), not by a bug."""
+
+
+class ConfigError(LEGOError, ValueError):
+    """A config value is wrong; the message names the key and the accepted values."""
+
+
+class DataError(LEGOError, ValueError):
+    """A corpus, dataset or file cannot be used; the message names the config key to change."""
