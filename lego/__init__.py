@@ -1,1 +1,10 @@
-"""LEGO: block-by-block pre-training of transformer LMs with TRUE token-level early exit."""
+"""LEGO: block-by-block pre-training of transformer LMs with TRUE token-level early exit.
+
+Model code (this package's top level) depends on torch and safetensors only.
+"""
+
+from lego.fitting import FitConfig, FitStats
+from lego.model import ExitStats, LEGOBlock, LEGOConfig, LEGOTransformer
+from lego.training_data import TrainingData
+
+__all__ = ["ExitStats", "FitConfig", "FitStats", "LEGOBlock", "LEGOConfig", "LEGOTransformer", "TrainingData"]

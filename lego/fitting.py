@@ -1,0 +1,356 @@
+"""Training one LEGOBlock on the active tokens of a TrainingData, then choosing the next block's hard tokens.
+
+`fit_block` is what `LEGOBlock.fit` runs:
+1. AdamW on `LM cross-entropy(active tokens) + exit_loss_weight * BCE(exit classifier, "argmax is right")`,
+   warmup + cosine learning rate, gradient clipping, validation after every epoch (or more often),
+   early stopping that restores the best weights, and an optional per-epoch checkpoint to resume from.
+   Block 0 also trains the embedding and the shared head; later blocks never touch them.
+2. Threshold calibration on validation tokens: about `1 - hard_ratio` of the tokens reaching the block exit.
+3. Hard tokens by ratio: the bottom `hard_ratio` of the active training tokens by confidence
+   (`torch.topk(..., largest=False)`), returned as the next block's TrainingData.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lego.training_data import TrainingData
+
+if TYPE_CHECKING:
+    from lego.model import BlockOutput, LEGOBlock
+
+
+@dataclass
+class FitConfig:
+    """Per-stage training settings (the `block_schedule` config group fills one per block)."""
+
+    epochs: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    grad_clip: float = 1.0
+    patience: int = 2  # evaluations without improvement before stopping
+    evals_per_epoch: int = 1
+    exit_loss_weight: float = 1.0
+    soft_exit_labels: bool = False  # BCE target exp(-CE) instead of "argmax == target"
+    hard_ratio: float | None = 0.5  # None: collect no hard tokens (the last block)
+    max_steps: int | None = None
+    seed: int = 0
+    checkpoint_path: str | None = None  # resume an interrupted stage from its last evaluation
+
+    def __post_init__(self) -> None:
+        if self.hard_ratio is not None and not 0.0 < self.hard_ratio < 1.0:
+            raise ValueError(f"hard_ratio must be in (0, 1), got {self.hard_ratio}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("epochs, batch_size and lr must be positive")
+
+
+@dataclass
+class FitStats:
+    evals: list[dict] = field(default_factory=list)  # one row per validation: step, epoch, losses, PPLs
+    best_eval: int = -1
+    best_val_ppl: float = float("nan")
+    stopped_early: bool = False
+    train_tokens: int = 0  # active training tokens seen (token-passes through the block)
+    active_tokens: int = 0  # active tokens in the stage's training data
+    hard_count: int = 0
+    threshold: float | None = None
+    calibration: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+Callback = Callable[[dict], None]
+
+
+def block_input(batch: TrainingData, embedding: nn.Embedding | None, device: torch.device) -> Tensor:
+    if batch.input_ids is not None:
+        if embedding is None:
+            raise ValueError("this TrainingData holds token ids: pass the embedding (Block 0's stage)")
+        return embedding(batch.input_ids.to(device))
+    return batch.hidden_states.to(device)
+
+
+def token_losses(out: BlockOutput, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token CE and correctness of the tokens that got logits, in `out.logits_index` order."""
+    picked = targets.reshape(-1).index_select(0, out.logits_index)
+    ce = F.cross_entropy(out.logits.float(), picked, reduction="none")
+    return ce, out.logits.argmax(dim=-1) == picked
+
+
+def _param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
+    """Decay matrices only (not norms, biases or the 1-d exit bias); tied weights counted once."""
+    seen, decay, no_decay = set(), [], []
+    for module in modules:
+        for param in module.parameters():
+            if id(param) in seen or not param.requires_grad:
+                continue
+            seen.add(id(param))
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_lambda(config: FitConfig, total_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@torch.no_grad()
+def evaluate(block: LEGOBlock, data: TrainingData, embedding: nn.Embedding | None, batch_size: int) -> dict:
+    """Loss, PPL and accuracy of `block` on `data`'s active tokens, plus their confidences."""
+    was_training = block.training
+    block.eval()
+    device = next(block.parameters()).device
+    total_ce, correct, count, confidences = 0.0, 0, 0, []
+    for batch in data.batches(batch_size):
+        out = block.run(block_input(batch, embedding, device), batch.active.to(device), logits_for="active")
+        ce, right = token_losses(out, batch.targets.to(device))
+        total_ce += float(ce.sum())
+        correct += int(right.sum())
+        count += ce.numel()
+        confidences.append(out.confidence[out.active].cpu())
+    block.train(was_training)
+    loss = total_ce / max(count, 1)
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 50.0)),
+        "acc": correct / max(count, 1),
+        "tokens": count,
+        "confidence": torch.cat(confidences) if confidences else torch.zeros(0),
+    }
+
+
+@torch.no_grad()
+def propagate(
+    block: LEGOBlock, data: TrainingData, embedding: nn.Embedding | None, batch_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Run the block over every sequence: (hidden after the block, confidence, should_exit), all
+    (sequences, seq[, dim]). Sequences with no active token are not run; their hidden state is kept."""
+    was_training = block.training
+    block.eval()
+    device = next(block.parameters()).device
+    hidden = data.hidden_states.clone() if data.hidden_states is not None else None
+    confidence = torch.zeros(data.targets.shape)
+    should_exit = torch.zeros(data.targets.shape, dtype=torch.bool)
+    rows = torch.arange(data.num_sequences)
+    for start in range(0, data.num_sequences, batch_size):
+        index = rows[start : start + batch_size]
+        batch = data.select(index)
+        if not bool(batch.active.any()):
+            if hidden is None:  # token ids: the kept state of an idle sequence is its embedding
+                raise ValueError("Block 0's data must have an active token in every sequence")
+            continue
+        out = block.run(block_input(batch, embedding, device), batch.active.to(device), logits_for="none")
+        if hidden is None:
+            hidden = torch.empty(*data.targets.shape, out.hidden.shape[-1], dtype=out.hidden.dtype)
+        hidden[index] = out.hidden.cpu()
+        confidence[index] = out.confidence.float().cpu()
+        should_exit[index] = out.should_exit.cpu()
+    block.train(was_training)
+    return hidden, confidence, should_exit
+
+
+def select_hard(confidence: Tensor, active: Tensor, hard_ratio: float) -> Tensor:
+    """The bottom `hard_ratio` of the active tokens by confidence, as a new (sequences, seq) mask.
+
+    By ratio, not by threshold: exactly `int(n_active * hard_ratio)` tokens, whatever the confidences.
+    """
+    flat_active = active.reshape(-1).nonzero().squeeze(1)
+    n_hard = int(len(flat_active) * hard_ratio)
+    chosen = torch.topk(confidence.reshape(-1)[flat_active], n_hard, largest=False).indices
+    hard = torch.zeros(active.numel(), dtype=torch.bool)
+    hard[flat_active[chosen]] = True
+    return hard.view_as(active)
+
+
+def calibrate_threshold(confidence: Tensor, hard_ratio: float) -> float:
+    """A threshold at which about `1 - hard_ratio` of these (validation) confidences exit."""
+    if confidence.numel() == 0:
+        return 1.0
+    ordered = confidence.sort().values
+    k = min(int(math.ceil(len(ordered) * hard_ratio)), len(ordered) - 1)
+    return float(ordered[k])
+
+
+def route(block: LEGOBlock, data: TrainingData, embedding: nn.Embedding | None, batch_size: int) -> TrainingData:
+    """Inference routing as data: the tokens that do not exit at this block stay active for the next one
+    (the validation set each later stage trains against)."""
+    hidden, _, should_exit = propagate(block, data, embedding, batch_size)
+    return TrainingData(hidden, data.targets, data.active & ~should_exit)
+
+
+def fit_block(
+    block: LEGOBlock,
+    train: TrainingData,
+    val: TrainingData,
+    config: FitConfig,
+    *,
+    embedding: nn.Embedding | None = None,
+    callback: Callback | None = None,
+) -> tuple[TrainingData | None, FitStats]:
+    """Train `block` (and, for Block 0, `embedding` + the shared head), calibrate its threshold and
+    return `(hard_data, stats)`; `hard_data` is None when `config.hard_ratio` is None."""
+    started = time.perf_counter()
+    device = next(block.parameters()).device
+    trained: list[nn.Module] = [block] + ([embedding, block.head] if embedding is not None else [])
+    optimizer = torch.optim.AdamW(
+        _param_groups(trained, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2)
+    )
+    steps_per_epoch = train.num_batches(config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total_steps))
+    eval_every = max(1, steps_per_epoch // config.evals_per_epoch)
+    stats = FitStats(active_tokens=len(train))
+    state = {"step": 0, "epoch": 0, "best_loss": float("inf"), "bad_evals": 0, "best": None}
+
+    checkpoint = Path(config.checkpoint_path) if config.checkpoint_path else None
+    if checkpoint is not None and checkpoint.is_file():
+        saved = torch.load(checkpoint, map_location=device, weights_only=True)
+        _load_trained(trained, saved["weights"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state.update(saved["state"])
+        stats.evals = saved["evals"]
+        stats.train_tokens = saved["train_tokens"]
+
+    def validate(epoch: int, train_loss: float) -> bool:
+        """Record one validation; True when patience ran out."""
+        result = evaluate(block, val, embedding, config.eval_batch_size)
+        row = {
+            "step": state["step"], "epoch": epoch, "train_loss": train_loss,
+            "train_ppl": math.exp(min(train_loss, 50.0)), "val_loss": result["loss"],
+            "val_ppl": result["ppl"], "val_acc": result["acc"], "lr": scheduler.get_last_lr()[0],
+        }  # fmt: skip
+        stats.evals.append(row)
+        if callback:
+            callback({"kind": "eval", **row})
+        if result["loss"] < state["best_loss"]:
+            state.update(best_loss=result["loss"], bad_evals=0, best=_snapshot(trained))
+        else:
+            state["bad_evals"] += 1
+        return state["bad_evals"] >= config.patience
+
+    block.train()
+    stop = state["step"] >= total_steps
+    while not stop and state["epoch"] < config.epochs:
+        epoch = state["epoch"]
+        generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+        running, running_n = 0.0, 0
+        for i, batch in enumerate(train.batches(config.batch_size, shuffle=True, generator=generator)):
+            if i < state["step"] - epoch * steps_per_epoch:
+                continue  # resumed mid-epoch: skip what was done (same shuffle, same order)
+            loss, lm_loss, exit_loss, n_tokens = _train_step(block, batch, embedding, config, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            state["step"] += 1
+            stats.train_tokens += n_tokens
+            running += float(lm_loss) * n_tokens
+            running_n += n_tokens
+            if callback:
+                callback({
+                    "kind": "step", "step": state["step"], "epoch": epoch, "loss": loss.item(),
+                    "lm_loss": float(lm_loss), "exit_loss": float(exit_loss), "tokens": n_tokens,
+                    "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                })  # fmt: skip
+            last_of_epoch = i == steps_per_epoch - 1
+            if state["step"] % eval_every == 0 or last_of_epoch or state["step"] >= total_steps:
+                stop = validate(epoch, running / max(running_n, 1)) or state["step"] >= total_steps
+                running, running_n = 0.0, 0
+                if checkpoint is not None:
+                    if last_of_epoch:
+                        state["epoch"] = epoch + 1
+                    _save_checkpoint(checkpoint, trained, optimizer, scheduler, state, stats)
+                if stop:
+                    break
+        state["epoch"] = epoch + 1
+    stats.stopped_early = state["bad_evals"] >= config.patience
+    if state["best"] is not None:
+        _load_trained(trained, state["best"])
+    stats.best_eval = min(range(len(stats.evals)), key=lambda i: stats.evals[i]["val_loss"]) if stats.evals else -1
+    stats.best_val_ppl = stats.evals[stats.best_eval]["val_ppl"] if stats.evals else float("nan")
+    block.eval()
+
+    hard_data = None
+    if config.hard_ratio is not None:
+        val_conf = evaluate(block, val, embedding, config.eval_batch_size)["confidence"]
+        block.threshold = calibrate_threshold(val_conf, config.hard_ratio)
+        stats.threshold = block.threshold
+        stats.calibration = {
+            "val_tokens": int(val_conf.numel()),
+            "val_exit_rate": float((val_conf >= block.threshold).float().mean()) if val_conf.numel() else 0.0,
+            "target_exit_rate": 1.0 - config.hard_ratio,
+        }
+        hidden, confidence, _ = propagate(block, train, embedding, config.eval_batch_size)
+        hard = select_hard(confidence, train.active, config.hard_ratio)
+        hard_data = TrainingData(hidden, train.targets, hard)
+        stats.hard_count = len(hard_data)
+    stats.seconds = time.perf_counter() - started
+    return hard_data, stats
+
+
+def _train_step(
+    block: LEGOBlock, batch: TrainingData, embedding: nn.Embedding | None, config: FitConfig, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    out = block.run(block_input(batch, embedding, device), batch.active.to(device), logits_for="active")
+    ce, right = token_losses(out, batch.targets.to(device))
+    lm_loss = ce.mean()
+    labels = torch.exp(-ce.detach()) if config.soft_exit_labels else right.float()
+    exit_logit = out.exit_logit.reshape(-1).index_select(0, out.logits_index)
+    exit_loss = F.binary_cross_entropy_with_logits(exit_logit.float(), labels)
+    return lm_loss + config.exit_loss_weight * exit_loss, lm_loss.detach(), exit_loss.detach(), ce.numel()
+
+
+def _snapshot(modules: list[nn.Module]) -> list[dict[str, Tensor]]:
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
+
+
+def _load_trained(modules: list[nn.Module], states: list[dict[str, Tensor]]) -> None:
+    with torch.no_grad():
+        for module, module_state in zip(modules, states, strict=True):
+            module.load_state_dict(module_state)
+
+
+def _save_checkpoint(path: Path, modules, optimizer, scheduler, state: dict, stats: FitStats) -> None:
+    """Atomic (temp file + rename); plain tensors and numbers only, so `weights_only=True` loads it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(
+        {
+            "weights": _snapshot(modules),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "state": state,
+            "evals": stats.evals,
+            "train_tokens": stats.train_tokens,
+        },
+        tmp,
+    )
+    os.replace(tmp, path)

@@ -1,0 +1,170 @@
+"""Transformer layers that can compute for a subset of tokens while every token stays visible as context.
+
+A LEGO block runs each layer in one of two modes:
+
+* dense: every token is active; plain causal self-attention (`is_causal=True`), no gathers.
+* sparse: only the *active* tokens get a query, an attention output and an FFN. Every token, active or
+  not, still contributes keys and values, computed by this layer from its current hidden state (an
+  inactive token's state is the one it was kept with). Active tokens are gathered into a flat
+  `(n_active, dim)` tensor for the projections and the FFN, so their cost scales with `n_active`;
+  attention pads the queries per sequence (`SparseLayout`) and masks by the original positions.
+
+Pre-norm RMSNorm, rotary position embeddings, SwiGLU, no biases (as in Llama-style small LMs).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def swiglu_hidden_dim(dim: int, multiple_of: int = 64) -> int:
+    """Llama's FFN width: 2/3 of 4*dim (same parameter count as a 4*dim GELU MLP), rounded up."""
+    hidden = int(2 * 4 * dim / 3)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+class RotaryEmbedding(nn.Module):
+    """Cos/sin tables for RoPE, indexed by absolute position so gathered tokens keep their positions."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        # Not saved in checkpoints: they are a pure function of the config.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cos.shape[0]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the two halves of the last dim of `x` (..., heads, head_dim); cos/sin are (..., head_dim/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+@dataclass
+class SparseLayout:
+    """Where the active tokens of a `(batch, seq)` mask live, computed once per block call.
+
+    `flat_index` indexes the active tokens in the flattened `(batch * seq)` order; `padded_index` places
+    each of them in a `(batch * max_active)` query buffer for attention; `attn_mask` lets a padded query
+    see exactly the keys at or before its original position.
+    """
+
+    batch: int
+    seq_len: int
+    flat_index: Tensor  # (n_active,) int64
+    positions: Tensor  # (n_active,) int64 original positions
+    padded_index: Tensor  # (n_active,) int64
+    max_active: int
+    attn_mask: Tensor  # (batch, 1, max_active, seq) bool
+
+    @classmethod
+    def from_mask(cls, active: Tensor) -> SparseLayout:
+        batch, seq_len = active.shape
+        flat_index = active.reshape(-1).nonzero().squeeze(1)
+        positions = flat_index % seq_len
+        rows = flat_index // seq_len
+        slot = (active.cumsum(dim=1) - 1).reshape(-1).index_select(0, flat_index)
+        max_active = int(active.sum(dim=1).max())
+        padded_index = rows * max_active + slot
+        # Padding queries get the last position: they see every key (no all-masked rows, hence no
+        # NaNs in softmax) and their outputs are never read.
+        query_pos = torch.full((batch * max_active,), seq_len - 1, dtype=torch.long, device=active.device)
+        query_pos.index_copy_(0, padded_index, positions)
+        key_pos = torch.arange(seq_len, device=active.device)
+        attn_mask = key_pos.view(1, 1, 1, seq_len) <= query_pos.view(batch, 1, max_active, 1)
+        return cls(batch, seq_len, flat_index, positions, padded_index, max_active, attn_mask)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wkv = nn.Linear(dim, 2 * dim, bias=False)  # keys and values: computed for every token
+        self.wo = nn.Linear(dim, dim, bias=False)
+
+    def _keys_values(self, x: Tensor, rope: RotaryEmbedding) -> tuple[Tensor, Tensor]:
+        """x: (batch, seq, dim) -> k, v: (batch, heads, seq, head_dim), k rotated by its position."""
+        batch, seq_len, _ = x.shape
+        k, v = self.wkv(x).view(batch, seq_len, 2, self.num_heads, self.head_dim).unbind(2)
+        k = apply_rope(k, rope.cos[:seq_len], rope.sin[:seq_len])
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x: Tensor, rope: RotaryEmbedding) -> Tensor:
+        """Dense causal attention over (batch, seq, dim)."""
+        batch, seq_len, dim = x.shape
+        q = self.wq(x).view(batch, seq_len, self.num_heads, self.head_dim)
+        q = apply_rope(q, rope.cos[:seq_len], rope.sin[:seq_len]).transpose(1, 2)
+        k, v = self._keys_values(x, rope)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, dim))
+
+    def forward_sparse(self, x_all: Tensor, x_active: Tensor, layout: SparseLayout, rope: RotaryEmbedding) -> Tensor:
+        """Queries for the active tokens only (x_active: (n_active, dim)); keys/values for all of x_all."""
+        n_active, dim = x_active.shape
+        k, v = self._keys_values(x_all, rope)
+        q = self.wq(x_active).view(n_active, self.num_heads, self.head_dim)
+        q = apply_rope(q, rope.cos[layout.positions], rope.sin[layout.positions])
+        q_padded = q.new_zeros(layout.batch * layout.max_active, self.num_heads, self.head_dim)
+        q_padded = q_padded.index_copy(0, layout.padded_index, q)
+        q_padded = q_padded.view(layout.batch, layout.max_active, self.num_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q_padded, k, v, attn_mask=layout.attn_mask)
+        out = out.transpose(1, 2).reshape(layout.batch * layout.max_active, dim)
+        return self.wo(out.index_select(0, layout.padded_index))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w_gate_up = nn.Linear(dim, 2 * hidden_dim, bias=False)
+        self.w_down = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        return self.w_down(F.silu(gate) * up)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm layer: x + attn(norm(x)), then + ffn(norm(x))."""
+
+    def __init__(self, dim: int, num_heads: int, hidden_dim: int, norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.attn = CausalSelfAttention(dim, num_heads)
+        self.ffn_norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.ffn = SwiGLU(dim, hidden_dim)
+
+    def forward(self, x: Tensor, rope: RotaryEmbedding) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rope)
+        return x + self.ffn(self.ffn_norm(x))
+
+    def forward_sparse(self, x_all: Tensor, x_active: Tensor, layout: SparseLayout, rope: RotaryEmbedding) -> Tensor:
+        """x_all: (batch, seq, dim), the current state of every token (active rows equal x_active);
+        x_active: (n_active, dim). Returns the new state of the active tokens only."""
+        x_active = x_active + self.attn.forward_sparse(
+            self.attn_norm(x_all), self.attn_norm(x_active), layout, rope
+        )
+        return x_active + self.ffn(self.ffn_norm(x_active))
+
+
+def layer_token_flops(dim: int, hidden_dim: int, context: float) -> tuple[float, float]:
+    """Forward FLOPs of one layer for one token: (full work of an active token, K/V work of a kept one).
+
+    `context` is the number of keys the token's query attends to (about (seq+1)/2 under a causal mask).
+    Norms and elementwise ops are left out: they are a few percent at any realistic width.
+    """
+    kv = 2 * dim * 2 * dim
+    full = 2 * dim * dim * 2 + kv + 2 * dim * 2 * hidden_dim + 2 * hidden_dim * dim + 2 * 2 * dim * context
+    return float(full), float(kv)

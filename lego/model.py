@@ -1,0 +1,351 @@
+"""LEGOBlock and LEGOTransformer: a decoder-only LM trained block by block, with TRUE token-level early exit.
+
+The model is `embedding -> block 0 -> block 1 -> ... -> shared head`. Every block can produce logits
+(through its own output norm and the shared head) and a confidence (`sigmoid(exit_classifier(.))`)
+that its prediction is right. At inference a token whose confidence passes its block's threshold exits
+there: later blocks keep its hidden state unchanged, use it only as key/value context, and spend no
+query, FFN or head work on it. Training block k on the hard tokens of block k-1 runs exactly the same
+computation with `active = hard`.
+
+Depends on torch and safetensors only, so it can be used from a notebook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from lego.layers import RotaryEmbedding, SparseLayout, TransformerLayer, layer_token_flops, swiglu_hidden_dim
+
+if TYPE_CHECKING:
+    from lego.fitting import FitConfig, FitStats
+    from lego.training_data import TrainingData
+
+LogitsFor = Literal["active", "exit", "none"]
+
+
+class BlockOutput(NamedTuple):
+    """Everything one block call produces. Tensors over tokens are (batch, seq); `logits` has one row
+    per entry of `logits_index` (indices into the flattened batch*seq tokens)."""
+
+    hidden: Tensor  # (batch, seq, dim): active tokens updated, the others unchanged
+    logits: Tensor  # (n_selected, vocab)
+    logits_index: Tensor  # (n_selected,) int64
+    exit_logit: Tensor  # (batch, seq) raw classifier output (0 for inactive tokens)
+    confidence: Tensor  # (batch, seq) sigmoid(exit_logit) (0 for inactive tokens)
+    should_exit: Tensor  # (batch, seq) bool, False for inactive tokens
+    active: Tensor  # (batch, seq) bool: the tokens this call computed
+
+
+class LEGOBlock(nn.Module):
+    """A stack of transformer layers that owns its exit decision.
+
+    `block(h, active)` returns `(h, logits, should_exit)`: active tokens get attention, FFN, logits and
+    a confidence; inactive ones are returned unchanged but still serve as keys/values at every layer.
+    `threshold` is infinite (nothing exits) until `fit` calibrates it.
+    The shared LM head belongs to `LEGOTransformer`; the block only holds a reference to it (not a
+    submodule), so a block's parameters and optimizer never include the head.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_layers: int,
+        *,
+        hidden_dim: int | None = None,
+        max_seq_len: int = 1024,
+        rope_base: float = 10000.0,
+        norm_eps: float = 1e-5,
+        threshold: float = float("inf"),
+    ) -> None:
+        super().__init__()
+        if dim <= 0 or num_heads <= 0 or dim % num_heads or (dim // num_heads) % 2:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads}) into even head sizes")
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+        self.dim, self.num_heads, self.num_layers = dim, num_heads, num_layers
+        self.hidden_dim = hidden_dim or swiglu_hidden_dim(dim)
+        self.rope = RotaryEmbedding(dim // num_heads, max_seq_len, rope_base)
+        self.layers = nn.ModuleList(
+            TransformerLayer(dim, num_heads, self.hidden_dim, norm_eps) for _ in range(num_layers)
+        )
+        self.norm_out = nn.RMSNorm(dim, eps=norm_eps)
+        self.exit_classifier = nn.Linear(dim, 1)
+        self.register_buffer("threshold_", torch.tensor(float(threshold)))
+        self._head: tuple[nn.Linear, ...] = ()  # a plain tuple: not registered as a submodule
+
+    # -- the shared head -------------------------------------------------------------------------
+    def attach_head(self, head: nn.Linear) -> None:
+        self._head = (head,)
+
+    @property
+    def head(self) -> nn.Linear:
+        if not self._head:
+            raise RuntimeError("this LEGOBlock has no LM head: put it in a LEGOTransformer or call attach_head()")
+        return self._head[0]
+
+    @property
+    def threshold(self) -> float:
+        return float(self.threshold_)
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self.threshold_.fill_(float(value))
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, h: Tensor, active: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """h: (batch, seq, dim); active: optional bool (batch, seq), None = all tokens.
+
+        Returns `(h, logits, should_exit)` with logits (batch, seq, vocab), zero for inactive tokens.
+        """
+        out = self.run(h, active, logits_for="active")
+        batch, seq_len, _ = h.shape
+        logits = out.logits.new_zeros(batch * seq_len, out.logits.shape[-1])
+        logits.index_copy_(0, out.logits_index, out.logits)
+        return out.hidden, logits.view(batch, seq_len, -1), out.should_exit
+
+    def run(self, h: Tensor, active: Tensor | None = None, logits_for: LogitsFor = "active") -> BlockOutput:
+        """The block's computation, with control over which tokens get head work.
+
+        `logits_for`: "active" (every active token, as training needs), "exit" (only tokens that exit
+        here, as inference needs: continuing tokens' logits would be thrown away), or "none".
+        """
+        batch, seq_len, dim = h.shape
+        if seq_len > self.rope.max_seq_len:
+            raise ValueError(f"sequence length {seq_len} exceeds this block's max_seq_len {self.rope.max_seq_len}")
+        dense = active is None or bool(active.all())
+        if active is None:
+            active = torch.ones(batch, seq_len, dtype=torch.bool, device=h.device)
+        if not dense and not bool(active.any()):
+            return self._idle_output(h, active)
+
+        if dense:
+            x = h
+            for layer in self.layers:
+                x = layer(x, self.rope)
+            hidden = x
+            flat_index = torch.arange(batch * seq_len, device=h.device)
+            x_active = x.reshape(batch * seq_len, dim)
+        else:
+            layout = SparseLayout.from_mask(active)
+            flat_index = layout.flat_index
+            h_flat = h.reshape(batch * seq_len, dim)
+            x_active = h_flat.index_select(0, flat_index)
+            x_all = h
+            for i, layer in enumerate(self.layers):
+                if i > 0:  # refresh the active rows; kept rows stay exactly h
+                    x_all = h_flat.index_copy(0, flat_index, x_active).view(batch, seq_len, dim)
+                x_active = layer.forward_sparse(x_all, x_active, layout, self.rope)
+            hidden = h_flat.index_copy(0, flat_index, x_active).view(batch, seq_len, dim)
+
+        normed = self.norm_out(x_active)
+        # The classifier reads a detached copy: its BCE loss teaches it to judge the block, never
+        # bends the block's representation toward being easy to judge.
+        exit_logit_active = self.exit_classifier(normed.detach()).squeeze(-1)
+        exit_logit = h.new_zeros(batch * seq_len).index_copy(0, flat_index, exit_logit_active)
+        exit_logit = exit_logit.view(batch, seq_len)
+        confidence = torch.sigmoid(exit_logit) * active
+        should_exit = (confidence >= self.threshold) & active
+
+        if logits_for == "active":
+            logits_index, logits = flat_index, self.head(normed)
+        elif logits_for == "exit":
+            chosen = should_exit.reshape(-1).index_select(0, flat_index).nonzero().squeeze(1)
+            logits_index, logits = flat_index.index_select(0, chosen), self.head(normed.index_select(0, chosen))
+        else:
+            logits_index, logits = flat_index[:0], normed.new_zeros(0, self.head.out_features)
+        return BlockOutput(hidden, logits, logits_index, exit_logit, confidence, should_exit, active)
+
+    def _idle_output(self, h: Tensor, active: Tensor) -> BlockOutput:
+        """No active token: the block is not run at all."""
+        zeros = h.new_zeros(active.shape)
+        empty = torch.zeros(0, dtype=torch.long, device=h.device)
+        return BlockOutput(h, h.new_zeros(0, self.head.out_features), empty, zeros, zeros, active, active)
+
+    # -- training --------------------------------------------------------------------------------
+    def fit(
+        self,
+        train: TrainingData,
+        val: TrainingData,
+        config: FitConfig,
+        *,
+        embedding: nn.Embedding | None = None,
+        callback=None,
+    ) -> tuple[TrainingData | None, FitStats]:
+        """Train this block on `train`'s active tokens; see `lego.fitting.fit_block`."""
+        from lego.fitting import fit_block
+
+        return fit_block(self, train, val, config, embedding=embedding, callback=callback)
+
+    def layer_flops(self, seq_len: int) -> tuple[float, float]:
+        """(full, kv-only) forward FLOPs per token per layer, see `layers.layer_token_flops`."""
+        return layer_token_flops(self.dim, self.hidden_dim, (seq_len + 1) / 2)
+
+
+@dataclass
+class LEGOConfig:
+    """Everything needed to build a LEGOTransformer (the `model` and `block_schedule` config groups)."""
+
+    vocab_size: int
+    dim: int = 256
+    num_heads: int = 4
+    layers_per_block: list[int] = field(default_factory=lambda: [2, 2])
+    max_seq_len: int = 1024
+    hidden_dim: int | None = None
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+
+@dataclass
+class ExitStats:
+    """Statistics of one routed forward pass (`LEGOTransformer.forward(..., return_stats=True)`)."""
+
+    exit_counts: list[int]  # tokens finishing at each block
+    active_counts: list[int]  # tokens reaching (computed by) each block
+    mean_confidence: list[float]  # over the tokens reaching each block
+    thresholds: list[float]
+    compute_cost: float  # sum_k exits_k * layers used / (tokens * total layers), as the original
+    honest_cost: float  # layer FLOPs really done, K/V of kept tokens included, over the dense FLOPs
+    exit_block: Tensor  # (batch, seq) int64: the block each token exited at
+    confidences: list[Tensor] = field(repr=False, default_factory=list)  # per block, tokens reaching it
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.exit_counts)
+
+    @property
+    def exit_rates(self) -> list[float]:
+        return [count / max(self.total_tokens, 1) for count in self.exit_counts]
+
+    @property
+    def shallow_ratio(self) -> float:
+        """Share of tokens that exit before the last block."""
+        return 1.0 - self.exit_counts[-1] / max(self.total_tokens, 1)
+
+    def __getitem__(self, key: str):  # stats["exit_counts"] works as well as stats.exit_counts
+        return getattr(self, key)
+
+    def keys(self) -> list[str]:
+        return [
+            "exit_counts", "active_counts", "exit_rates", "shallow_ratio", "mean_confidence",
+            "thresholds", "compute_cost", "honest_cost",
+        ]  # fmt: skip
+
+    def as_dict(self) -> dict:
+        return {key: self[key] for key in self.keys()}
+
+
+class LEGOTransformer(nn.Module):
+    """Embedding, a list of LEGOBlocks, a shared LM head. It routes tokens between blocks and counts;
+    every exit decision is made by the blocks."""
+
+    def __init__(self, vocab_size: int, dim: int, blocks: Sequence[LEGOBlock], tie_embeddings: bool = True) -> None:
+        super().__init__()
+        if not blocks:
+            raise ValueError("a LEGOTransformer needs at least one block")
+        if any(block.dim != dim for block in blocks):
+            raise ValueError(f"every block must have dim={dim}")
+        self.vocab_size, self.dim = vocab_size, dim
+        self.embedding = nn.Embedding(vocab_size, dim)
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        if tie_embeddings:
+            self.head.weight = self.embedding.weight
+        for block in self.blocks:
+            block.attach_head(self.head)
+        self.apply(_init_weights)
+
+    @classmethod
+    def from_config(cls, config: LEGOConfig) -> LEGOTransformer:
+        blocks = [
+            LEGOBlock(
+                config.dim, config.num_heads, num_layers, hidden_dim=config.hidden_dim,
+                max_seq_len=config.max_seq_len, rope_base=config.rope_base, norm_eps=config.norm_eps,
+            )
+            for num_layers in config.layers_per_block
+        ]  # fmt: skip
+        return cls(config.vocab_size, config.dim, blocks, tie_embeddings=config.tie_embeddings)
+
+    @property
+    def total_layers(self) -> int:
+        return sum(block.num_layers for block in self.blocks)
+
+    def forward(self, x: Tensor, return_stats: bool = False) -> Tensor | tuple[Tensor, ExitStats]:
+        """x: (batch, seq) token ids -> logits (batch, seq, vocab), each token's from the block it exited at.
+
+        The last block never exits early: every token still active there finishes there.
+        """
+        batch, seq_len = x.shape
+        h = self.embedding(x)
+        logits = h.new_zeros(batch * seq_len, self.vocab_size)
+        exit_block = torch.full((batch, seq_len), len(self.blocks) - 1, dtype=torch.long, device=x.device)
+        remaining: Tensor | None = None  # None = every token (the dense fast path)
+        exit_counts, active_counts, mean_conf, confidences = [], [], [], []
+        for k, block in enumerate(self.blocks):
+            last = k == len(self.blocks) - 1
+            if remaining is not None and not bool(remaining.any()):
+                exit_counts.append(0)  # nothing left: the block does no work at all
+                active_counts.append(0)
+                mean_conf.append(float("nan"))
+                confidences.append(h.new_zeros(0))
+                continue
+            out = block.run(h, remaining, logits_for="active" if last else "exit")
+            logits.index_copy_(0, out.logits_index, out.logits)
+            exits = out.active if last else out.should_exit
+            if not last:
+                exit_block.masked_fill_(exits, k)
+            h, remaining = out.hidden, out.active & ~exits
+            n_active = int(out.active.sum())
+            exit_counts.append(int(exits.sum()))
+            active_counts.append(n_active)
+            if return_stats:
+                reached = out.confidence[out.active].detach()
+                confidences.append(reached)
+                mean_conf.append(float(reached.mean()) if n_active else float("nan"))
+        logits = logits.view(batch, seq_len, self.vocab_size)
+        if not return_stats:
+            return logits
+        return logits, ExitStats(
+            exit_counts=exit_counts,
+            active_counts=active_counts,
+            mean_confidence=mean_conf,
+            thresholds=[block.threshold for block in self.blocks],
+            compute_cost=self.compute_cost(exit_counts),
+            honest_cost=self.honest_cost(active_counts, seq_len),
+            exit_block=exit_block,
+            confidences=confidences,
+        )
+
+    def compute_cost(self, exit_counts: Sequence[int]) -> float:
+        """The original metric: sum over blocks of exits x layers used, over tokens x total layers."""
+        layers_used, cost = 0, 0.0
+        for block, exits in zip(self.blocks, exit_counts, strict=True):
+            layers_used += block.num_layers
+            cost += exits * layers_used
+        return cost / max(sum(exit_counts) * self.total_layers, 1)
+
+    def honest_cost(self, active_counts: Sequence[int], seq_len: int) -> float:
+        """Layer FLOPs really spent over the dense model's: counts the K/V projections every running
+        block computes for its kept (inactive) tokens, which `compute_cost` ignores."""
+        total = active_counts[0] if active_counts else 0
+        done = dense = 0.0
+        for block, n_active in zip(self.blocks, active_counts, strict=True):
+            full, kv = block.layer_flops(seq_len)
+            dense += total * full * block.num_layers
+            if n_active:
+                done += (n_active * full + (total - n_active) * kv) * block.num_layers
+        return done / max(dense, 1.0)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """GPT-2 style: N(0, 0.02) for linear and embedding weights, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)

@@ -1,0 +1,88 @@
+"""TrainingData: container invariants, batching, splits, safetensors round trip and bad files."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lego import TrainingData
+from lego.errors import DataError
+
+
+def hidden_data(sequences=6, seq=5, dim=4, seed=0) -> TrainingData:
+    gen = torch.Generator().manual_seed(seed)
+    return TrainingData(
+        hidden_states=torch.randn(sequences, seq, dim, generator=gen),
+        targets=torch.randint(0, 9, (sequences, seq), generator=gen),
+        active=torch.rand(sequences, seq, generator=gen) < 0.4,
+    )
+
+
+def test_len_counts_active_tokens_and_windows_shift_targets():
+    windows = torch.arange(12).view(2, 6)
+    data = TrainingData.from_windows(windows)
+    assert len(data) == 10 and data.seq_len == 5
+    assert torch.equal(data.input_ids[0], torch.arange(5)) and torch.equal(data.targets[0], torch.arange(1, 6))
+
+
+def test_batches_are_whole_sequences_and_skip_idle_ones():
+    data = hidden_data()
+    data.active[2] = False
+    seen = [row for batch in data.batches(4) for row in batch.targets]
+    assert len(seen) == data.num_sequences - 1 == sum(1 for _ in data.batches(1))
+    assert data.num_batches(4) == 2
+    shuffled = list(data.batches(2, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    assert sum(len(b) for b in shuffled) == len(data)
+
+
+def test_split_is_disjoint_and_deterministic():
+    data = hidden_data(sequences=20)
+    train, val = data.split(0.25, seed=3)
+    train2, val2 = data.split(0.25, seed=3)
+    assert val.num_sequences == 5 and train.num_sequences == 15
+    assert torch.equal(val.hidden_states, val2.hidden_states)
+    rows = {tuple(r.flatten().tolist()) for r in train.hidden_states}
+    assert not rows & {tuple(r.flatten().tolist()) for r in val.hidden_states}
+
+
+def test_mismatched_shapes_are_rejected():
+    with pytest.raises(ValueError, match="targets and active"):
+        TrainingData(torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="exactly one"):
+        TrainingData(None, torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("make", [hidden_data, lambda: TrainingData.from_windows(torch.randint(0, 9, (3, 8)))])
+def test_save_load_round_trip(tmp_path, make):
+    data = make()
+    data.save(tmp_path / "d.safetensors")
+    loaded = TrainingData.load(tmp_path / "d.safetensors")
+    for name in ("hidden_states", "targets", "active", "input_ids"):
+        a, b = getattr(data, name), getattr(loaded, name)
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "d.safetensors"
+    hidden_data().save(path)
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(DataError, match="truncated"):
+        TrainingData.load(path)
+
+
+def test_foreign_or_inconsistent_files_are_rejected(tmp_path):
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(2)}, str(foreign))
+    with pytest.raises(DataError, match="not a LEGO TrainingData"):
+        TrainingData.load(foreign)
+    with pytest.raises(DataError, match="not found"):
+        TrainingData.load(tmp_path / "missing.safetensors")
+    data = hidden_data()
+    bad = tmp_path / "bad.safetensors"
+    meta = '{"format": "lego.TrainingData/1", "sequences": 6, "seq_len": 5, "active_tokens": 1, "dim": 4}'
+    save_file(
+        {"hidden_states": data.hidden_states, "targets": data.targets, "active": data.active[:, :4].contiguous()},
+        str(bad), metadata={"lego": meta},
+    )
+    with pytest.raises(DataError, match="mismatched"):
+        TrainingData.load(bad)
