@@ -153,9 +153,7 @@ class TransformerLayer(nn.Module):
     def forward_sparse(self, x_all: Tensor, x_active: Tensor, layout: SparseLayout, rope: RotaryEmbedding) -> Tensor:
         """x_all: (batch, seq, dim), the current state of every token (active rows equal x_active);
         x_active: (n_active, dim). Returns the new state of the active tokens only."""
-        x_active = x_active + self.attn.forward_sparse(
-            self.attn_norm(x_all), self.attn_norm(x_active), layout, rope
-        )
+        x_active = x_active + self.attn.forward_sparse(self.attn_norm(x_all), self.attn_norm(x_active), layout, rope)
         return x_active + self.ffn(self.ffn_norm(x_active))
 
 

@@ -49,7 +49,9 @@ class TrainingData:
         inputs = self.inputs
         if inputs.shape[:2] != self.targets.shape:
             raise ValueError(f"inputs {tuple(inputs.shape)} do not match targets {tuple(self.targets.shape)}")
-        if self.hidden_states is not None and (self.hidden_states.dim() != 3 or not self.hidden_states.is_floating_point()):
+        if self.hidden_states is not None and (
+            self.hidden_states.dim() != 3 or not self.hidden_states.is_floating_point()
+        ):
             raise ValueError("hidden_states must be a float tensor (sequences, seq, dim)")
 
     @classmethod
@@ -144,9 +146,13 @@ class TrainingData:
                 meta = json.loads((f.metadata() or {}).get("lego", "{}"))
                 tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
         except (SafetensorError, OSError, json.JSONDecodeError, RuntimeError) as err:
-            raise DataError(f"{path} is truncated or not a safetensors file ({err}); re-run the stage that wrote it") from err
+            raise DataError(
+                f"{path} is truncated or not a safetensors file ({err}); re-run the stage that wrote it"
+            ) from err
         if meta.get("format") != FORMAT:
-            raise DataError(f"{path} is not a LEGO TrainingData file (format {meta.get('format')!r}, expected {FORMAT!r})")
+            raise DataError(
+                f"{path} is not a LEGO TrainingData file (format {meta.get('format')!r}, expected {FORMAT!r})"
+            )
         try:
             data = cls(
                 hidden_states=tensors.get("hidden_states"),

@@ -33,15 +33,25 @@ def test_interrupted_fit_resumes_to_the_same_weights(tmp_path):
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        model.blocks[0].fit(train, val, FitConfig(**config, checkpoint_path=str(ckpt)), embedding=model.embedding,
-                            callback=kill_after_step_8)
+        model.blocks[0].fit(
+            train,
+            val,
+            FitConfig(**config, checkpoint_path=str(ckpt)),
+            embedding=model.embedding,
+            callback=kill_after_step_8,
+        )
     assert ckpt.is_file()
     saved = torch.load(ckpt, weights_only=True)
     assert 0 < saved["state"]["step"] < 8
     model, train, val = setup()
     steps = []
-    model.blocks[0].fit(train, val, FitConfig(**config, checkpoint_path=str(ckpt)), embedding=model.embedding,
-                        callback=lambda e: steps.append(e["step"]) if e["kind"] == "step" else None)
+    model.blocks[0].fit(
+        train,
+        val,
+        FitConfig(**config, checkpoint_path=str(ckpt)),
+        embedding=model.embedding,
+        callback=lambda e: steps.append(e["step"]) if e["kind"] == "step" else None,
+    )
     assert steps[0] == saved["state"]["step"] + 1  # continued, did not restart
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, reference[key], rtol=0, atol=0, msg=key)

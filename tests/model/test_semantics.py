@@ -252,7 +252,9 @@ def test_fit_is_deterministic_and_learns():
     for _ in range(2):
         model = make_model()
         hard, stats = model.blocks[0].fit(
-            small_dataset(96), small_dataset(16, seed=1), FitConfig(**{**FAST, "epochs": 3}, lr=3e-3),
+            small_dataset(96),
+            small_dataset(16, seed=1),
+            FitConfig(**{**FAST, "epochs": 3}, lr=3e-3),
             embedding=model.embedding,
         )
         results.append((model.state_dict(), hard, stats))

@@ -82,7 +82,8 @@ def test_foreign_or_inconsistent_files_are_rejected(tmp_path):
     meta = '{"format": "lego.TrainingData/1", "sequences": 6, "seq_len": 5, "active_tokens": 1, "dim": 4}'
     save_file(
         {"hidden_states": data.hidden_states, "targets": data.targets, "active": data.active[:, :4].contiguous()},
-        str(bad), metadata={"lego": meta},
+        str(bad),
+        metadata={"lego": meta},
     )
     with pytest.raises(DataError, match="mismatched"):
         TrainingData.load(bad)
