@@ -67,6 +67,7 @@ class FitStats:
     best_val_ppl: float = float("nan")
     stopped_early: bool = False
     train_tokens: int = 0  # active training tokens seen (token-passes through the block)
+    train_flops: float = 0.0  # forward + backward (3x forward), K/V of kept context tokens included
     active_tokens: int = 0  # active tokens in the stage's training data
     hard_count: int = 0
     threshold: float | None = None
@@ -235,7 +236,7 @@ def fit_block(
         scheduler.load_state_dict(saved["scheduler"])
         state.update(saved["state"])
         stats.evals = saved["evals"]
-        stats.train_tokens = saved["train_tokens"]
+        stats.train_tokens, stats.train_flops = saved["train_tokens"], saved["train_flops"]
 
     def validate(epoch: int, train_loss: float) -> bool:
         """Record one validation; True when patience ran out."""
@@ -272,6 +273,7 @@ def fit_block(
             scheduler.step()
             state["step"] += 1
             stats.train_tokens += n_tokens
+            stats.train_flops += 3 * block.forward_flops(n_tokens, batch.targets.numel(), train.seq_len, n_tokens)
             running += float(lm_loss) * n_tokens
             running_n += n_tokens
             if callback:
@@ -350,6 +352,7 @@ def _save_checkpoint(path: Path, modules, optimizer, scheduler, state: dict, sta
             "state": state,
             "evals": stats.evals,
             "train_tokens": stats.train_tokens,
+            "train_flops": stats.train_flops,
         },
         tmp,
     )

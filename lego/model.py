@@ -12,6 +12,7 @@ Depends on torch and safetensors only, so it can be used from a notebook.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, NamedTuple
@@ -26,6 +27,20 @@ if TYPE_CHECKING:
     from lego.training_data import TrainingData
 
 LogitsFor = Literal["active", "exit", "none"]
+ConfidenceMethod = Literal["learned", "max_softmax", "entropy"]
+CONFIDENCE_METHODS = ("learned", "max_softmax", "entropy")
+
+
+def logit_confidence(logits: Tensor, method: str) -> Tensor:
+    """Confidence read off a distribution: its top probability, or 1 - entropy / log(vocab).
+
+    Both need the head for every token a block judges; `learned` (the exit classifier) does not.
+    """
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    if method == "max_softmax":
+        return log_probs.max(dim=-1).values.exp()
+    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+    return 1.0 - entropy / math.log(logits.shape[-1])
 
 
 class BlockOutput(NamedTuple):
@@ -46,7 +61,9 @@ class LEGOBlock(nn.Module):
 
     `block(h, active)` returns `(h, logits, should_exit)`: active tokens get attention, FFN, logits and
     a confidence; inactive ones are returned unchanged but still serve as keys/values at every layer.
-    `threshold` is infinite (nothing exits) until `fit` calibrates it.
+    `threshold` is infinite (nothing exits) until `fit` calibrates it. `confidence_method` is "learned"
+    (sigmoid of the exit classifier: LEGO's choice, no head work to decide) or, for comparisons,
+    "max_softmax" / "entropy" read off the block's own logits.
     The shared LM head belongs to `LEGOTransformer`; the block only holds a reference to it (not a
     submodule), so a block's parameters and optimizer never include the head.
     """
@@ -62,12 +79,15 @@ class LEGOBlock(nn.Module):
         rope_base: float = 10000.0,
         norm_eps: float = 1e-5,
         threshold: float = float("inf"),
+        confidence_method: ConfidenceMethod = "learned",
     ) -> None:
         super().__init__()
         if dim <= 0 or num_heads <= 0 or dim % num_heads or (dim // num_heads) % 2:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads}) into even head sizes")
         if num_layers < 1:
             raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+        if confidence_method not in CONFIDENCE_METHODS:
+            raise ValueError(f"confidence_method must be one of {CONFIDENCE_METHODS}, got {confidence_method!r}")
         self.dim, self.num_heads, self.num_layers = dim, num_heads, num_layers
         self.hidden_dim = hidden_dim or swiglu_hidden_dim(dim)
         self.rope = RotaryEmbedding(dim // num_heads, max_seq_len, rope_base)
@@ -78,6 +98,7 @@ class LEGOBlock(nn.Module):
         self.exit_classifier = nn.Linear(dim, 1)
         self.register_buffer("threshold_", torch.tensor(float(threshold)))
         self._head: tuple[nn.Linear, ...] = ()  # a plain tuple: not registered as a submodule
+        self.confidence_method: ConfidenceMethod = confidence_method
 
     # -- the shared head -------------------------------------------------------------------------
     def attach_head(self, head: nn.Linear) -> None:
@@ -149,11 +170,20 @@ class LEGOBlock(nn.Module):
         exit_logit_active = self.exit_classifier(normed.detach()).squeeze(-1)
         exit_logit = h.new_zeros(batch * seq_len).index_copy(0, flat_index, exit_logit_active)
         exit_logit = exit_logit.view(batch, seq_len)
-        confidence = torch.sigmoid(exit_logit) * active
+        all_logits = None
+        if self.confidence_method == "learned":
+            confidence = torch.sigmoid(exit_logit) * active
+        else:  # judged from the block's own distribution, so every active token needs its logits
+            all_logits = self.head(normed)
+            conf_active = logit_confidence(all_logits.detach(), self.confidence_method)
+            confidence = h.new_zeros(batch * seq_len).index_copy(0, flat_index, conf_active).view(batch, seq_len)
         should_exit = (confidence >= self.threshold) & active
 
         if logits_for == "active":
-            logits_index, logits = flat_index, self.head(normed)
+            logits_index, logits = flat_index, all_logits if all_logits is not None else self.head(normed)
+        elif logits_for == "exit" and all_logits is not None:
+            chosen = should_exit.reshape(-1).index_select(0, flat_index).nonzero().squeeze(1)
+            logits_index, logits = flat_index.index_select(0, chosen), all_logits.index_select(0, chosen)
         elif logits_for == "exit":
             chosen = should_exit.reshape(-1).index_select(0, flat_index).nonzero().squeeze(1)
             logits_index, logits = flat_index.index_select(0, chosen), self.head(normed.index_select(0, chosen))
@@ -185,6 +215,13 @@ class LEGOBlock(nn.Module):
     def layer_flops(self, seq_len: int) -> tuple[float, float]:
         """(full, kv-only) forward FLOPs per token per layer, see `layers.layer_token_flops`."""
         return layer_token_flops(self.dim, self.hidden_dim, (seq_len + 1) / 2)
+
+    def forward_flops(self, n_active: int, n_tokens: int, seq_len: int, n_logits: int = 0) -> float:
+        """Forward FLOPs of one call: full layer work for the active tokens, K/V for the kept ones, and
+        the shared head for `n_logits` tokens."""
+        full, kv = self.layer_flops(seq_len)
+        head = 2 * self.dim * self.head.out_features if n_logits else 0
+        return (n_active * full + (n_tokens - n_active) * kv) * self.num_layers + n_logits * head
 
 
 @dataclass
@@ -336,10 +373,9 @@ class LEGOTransformer(nn.Module):
         total = active_counts[0] if active_counts else 0
         done = dense = 0.0
         for block, n_active in zip(self.blocks, active_counts, strict=True):
-            full, kv = block.layer_flops(seq_len)
-            dense += total * full * block.num_layers
+            dense += block.forward_flops(total, total, seq_len)
             if n_active:
-                done += (n_active * full + (total - n_active) * kv) * block.num_layers
+                done += block.forward_flops(n_active, total, seq_len)
         return done / max(dense, 1.0)
 
 

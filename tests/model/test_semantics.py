@@ -274,3 +274,23 @@ def test_early_stopping_restores_best_weights():
 
     restored = evaluate(model.blocks[0], small_dataset(16, seed=1), model.embedding, 16)
     assert restored["ppl"] == pytest.approx(stats.best_val_ppl, rel=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["max_softmax", "entropy"])
+def test_confidence_from_logits_decides_exits(method):
+    """Comparison confidences are read off the block's own distribution, and routing follows them."""
+    model = make_model((1, 1))
+    for block in model.blocks:
+        block.confidence_method = method
+    x = random_tokens()
+    out = model.blocks[0].run(model.embedding(x))
+    probs = out.logits.softmax(-1)
+    if method == "max_softmax":
+        expected = probs.max(-1).values
+    else:
+        expected = 1 + (probs * probs.log()).sum(-1) / torch.log(torch.tensor(float(VOCAB)))
+    torch.testing.assert_close(out.confidence.flatten(), expected, rtol=1e-5, atol=1e-6)
+    model.blocks[0].threshold = float(out.confidence.median())
+    _, stats = model(x, return_stats=True)
+    assert torch.equal(stats.exit_block == 0, out.confidence >= model.blocks[0].threshold)
