@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lego.atomic import atomic_write
 from lego.training_data import TrainingData
 
 if TYPE_CHECKING:
@@ -342,18 +342,13 @@ def _load_trained(modules: list[nn.Module], states: list[dict[str, Tensor]]) -> 
 
 def _save_checkpoint(path: Path, modules, optimizer, scheduler, state: dict, stats: FitStats) -> None:
     """Atomic (temp file + rename); plain tensors and numbers only, so `weights_only=True` loads it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(
-        {
-            "weights": _snapshot(modules),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "state": state,
-            "evals": stats.evals,
-            "train_tokens": stats.train_tokens,
-            "train_flops": stats.train_flops,
-        },
-        tmp,
-    )
-    os.replace(tmp, path)
+    checkpoint = {
+        "weights": _snapshot(modules),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "state": state,
+        "evals": stats.evals,
+        "train_tokens": stats.train_tokens,
+        "train_flops": stats.train_flops,
+    }
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))

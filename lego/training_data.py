@@ -8,7 +8,6 @@ safetensors plus a small JSON header so a stage's dump can be inspected and relo
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from lego.atomic import atomic_write
 from lego.errors import DataError
 
 FORMAT = "lego.TrainingData/1"
@@ -129,10 +129,8 @@ class TrainingData:
             "active_tokens": len(self),
             "dim": 0 if self.hidden_states is None else self.hidden_states.shape[-1],
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata={"lego": json.dumps(meta)})
-        os.replace(tmp, path)
+        cpu = {k: v.cpu() for k, v in tensors.items()}
+        atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata={"lego": json.dumps(meta)}))
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> TrainingData:

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lego.data.cache import atomic_write, cache_key
+from lego.atomic import atomic_write
+from lego.data.cache import cache_key
 from lego.data.config import DataConfig, TokenizerConfig
 from lego.data.sources import load_documents
 from lego.data.splits import SPLITS, assign_spans, make_spans

@@ -13,7 +13,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from lego.data.cache import atomic_write
+from lego.atomic import atomic_write
 from lego.errors import DataError
 
 

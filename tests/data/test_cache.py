@@ -2,7 +2,8 @@
 
 import pytest
 
-from lego.data.cache import atomic_write, cache_key
+from lego.atomic import atomic_write
+from lego.data.cache import cache_key
 
 
 def test_atomic_write_replaces_only_on_success(tmp_path):
