@@ -1,0 +1,207 @@
+"""Structured configs behind `conf/`: types come from these dataclasses, ranges from `validate`.
+
+Hydra merges the YAML groups into `RunConfig` (registered as `base_config`), so a wrong type
+(`model.dim=abc`) fails while composing; `validate` then rejects out-of-range values
+(`hard_ratio.value=1.5`, zero layers, heads not dividing dim) with a one-line `ConfigError` before any
+work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from lego.data import DataConfig, TokenizerConfig
+from lego.errors import ConfigError
+from lego.fitting import FitConfig
+from lego.model import LEGOConfig
+
+METHODS = ("lego", "universal")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class ModelConf:
+    dim: int = 256
+    num_heads: int = 4
+    hidden_dim: int | None = None  # SwiGLU width; None = 2/3 * 4 * dim rounded up to 64
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+
+
+@dataclass
+class StageConf:
+    """One block of the schedule: its depth and how its stage trains."""
+
+    layers: int = 2
+    epochs: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    patience: int = 2
+    evals_per_epoch: int = 1
+    exit_loss_weight: float = 1.0
+    soft_exit_labels: bool = False
+    max_steps: int | None = None
+    batch_size: int | None = None  # None: data.batch_size
+
+
+@dataclass
+class BlockScheduleConf:
+    blocks: list[StageConf] = field(default_factory=lambda: [StageConf(), StageConf()])
+
+
+@dataclass
+class HardRatioConf:
+    """Share of the tokens reaching a block that become the next block's hard tokens."""
+
+    value: float = 0.5
+    per_block: list[float] | None = None  # one ratio per block but the last; overrides `value`
+
+
+@dataclass
+class TrainerConf:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_batch_size: int = 64
+    grad_clip: float = 1.0
+    threshold_scan: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    num_threads: int | None = None  # torch intra-op threads; None: torch's default
+    progress: bool = True
+
+
+@dataclass
+class WandbConf:
+    mode: str = "offline"  # offline (default, inside the run dir) | online | disabled
+    project: str = "lego"
+    entity: str | None = None
+    group: str | None = None  # None: the sweep's folder name in multirun, no group otherwise
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConf = field(default_factory=ModelConf)
+    block_schedule: BlockScheduleConf = field(default_factory=BlockScheduleConf)
+    hard_ratio: HardRatioConf = field(default_factory=HardRatioConf)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    trainer: TrainerConf = field(default_factory=TrainerConf)
+    wandb: WandbConf = field(default_factory=WandbConf)
+    method: str = "lego"  # lego (staged, block by block) | universal (joint, see experiments/universal_trainer.py)
+    universal: dict[str, Any] = field(default_factory=dict)  # method=universal: checked by its own schema
+    experiment_name: str = "default"
+    seed: int = 0
+    cache_dir: str = "~/.cache/lego"
+    debug: bool = False  # print tracebacks for user errors too
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="base_config", node=RunConfig)
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """The typed, validated config."""
+    run = OmegaConf.to_object(cfg)
+    if not isinstance(run, RunConfig):
+        raise ConfigError("the config does not derive from base_config; keep `base_config` first in conf/config.yaml")
+    validate(run)
+    return run
+
+
+def validate(run: RunConfig) -> None:
+    _one_of("method", run.method, METHODS)
+    _one_of("wandb.mode", run.wandb.mode, WANDB_MODES)
+    m = run.model
+    if m.dim < 1 or m.num_heads < 1 or m.dim % m.num_heads or (m.dim // m.num_heads) % 2:
+        raise ConfigError(
+            f"model.dim={m.dim} must split into model.num_heads={m.num_heads} heads of even size; "
+            "change one of them (e.g. dim 256 with 4 or 8 heads)"
+        )
+    if m.hidden_dim is not None and m.hidden_dim < 1:
+        raise ConfigError(f"model.hidden_dim={m.hidden_dim} must be positive or null")
+    blocks = run.block_schedule.blocks
+    if not blocks:
+        raise ConfigError("block_schedule.blocks is empty: give at least one block")
+    for k, stage in enumerate(blocks):
+        key = f"block_schedule.blocks[{k}]"
+        for name in ("layers", "epochs", "evals_per_epoch"):
+            if getattr(stage, name) < 1:
+                raise ConfigError(f"{key}.{name}={getattr(stage, name)} must be at least 1")
+        if stage.lr <= 0:
+            raise ConfigError(f"{key}.lr={stage.lr} must be positive")
+        if stage.patience < 1 or stage.warmup_steps < 0:
+            raise ConfigError(f"{key}: patience must be >= 1 and warmup_steps >= 0")
+        if stage.batch_size is not None and stage.batch_size < 1:
+            raise ConfigError(f"{key}.batch_size={stage.batch_size} must be positive or null")
+    ratios = hard_ratios(run)
+    for k, ratio in enumerate(ratios):
+        if not 0.0 < ratio < 1.0:
+            key = "hard_ratio.value" if run.hard_ratio.per_block is None else f"hard_ratio.per_block[{k}]"
+            raise ConfigError(f"{key}={ratio} must be strictly between 0 and 1 (the share of tokens passed on as hard)")
+    for share in run.trainer.threshold_scan:
+        if not 0.0 <= share < 1.0:
+            raise ConfigError(f"trainer.threshold_scan has {share}: exit shares must be in [0, 1)")
+    if run.trainer.eval_batch_size < 1:
+        raise ConfigError("trainer.eval_batch_size must be positive")
+    if not (run.trainer.device in ("auto", "cpu", "cuda") or run.trainer.device.startswith("cuda:")):
+        raise ConfigError(f"trainer.device={run.trainer.device!r} is unknown; use auto, cpu, cuda or cuda:N")
+    run.data.validate()
+    run.tokenizer.validate()
+
+
+def hard_ratios(run: RunConfig) -> list[float]:
+    """One ratio per block but the last (the last block keeps every token that reaches it)."""
+    n = len(run.block_schedule.blocks) - 1
+    per_block = run.hard_ratio.per_block
+    if per_block is None:
+        return [run.hard_ratio.value] * n
+    if len(per_block) != n:
+        raise ConfigError(
+            f"hard_ratio.per_block has {len(per_block)} values for {n + 1} blocks; give one per block but the last"
+        )
+    return list(per_block)
+
+
+def model_config(run: RunConfig, vocab_size: int) -> LEGOConfig:
+    return LEGOConfig(
+        vocab_size=vocab_size,
+        dim=run.model.dim,
+        num_heads=run.model.num_heads,
+        layers_per_block=[stage.layers for stage in run.block_schedule.blocks],
+        max_seq_len=run.data.seq_len,
+        hidden_dim=run.model.hidden_dim,
+        rope_base=run.model.rope_base,
+        tie_embeddings=run.model.tie_embeddings,
+    )
+
+
+def fit_config(run: RunConfig, k: int, hard_ratio: float | None, checkpoint_path: str | None) -> FitConfig:
+    stage = run.block_schedule.blocks[k]
+    return FitConfig(
+        epochs=stage.epochs,
+        lr=stage.lr,
+        min_lr_ratio=stage.min_lr_ratio,
+        warmup_steps=stage.warmup_steps,
+        weight_decay=stage.weight_decay,
+        batch_size=stage.batch_size or run.data.batch_size,
+        eval_batch_size=run.trainer.eval_batch_size,
+        grad_clip=run.trainer.grad_clip,
+        patience=stage.patience,
+        evals_per_epoch=stage.evals_per_epoch,
+        exit_loss_weight=stage.exit_loss_weight,
+        soft_exit_labels=stage.soft_exit_labels,
+        hard_ratio=hard_ratio,
+        max_steps=stage.max_steps,
+        seed=run.seed + k,
+        checkpoint_path=checkpoint_path,
+    )
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is unknown; use one of: {', '.join(allowed)}")

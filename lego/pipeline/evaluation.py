@@ -1,0 +1,121 @@
+"""Held-out evaluation through TRUE early exit: PPL, accuracy, per-block exit statistics, and a threshold
+scan that turns one trained model into a PPL-vs-compute curve."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lego.fitting import calibrate_threshold
+from lego.model import LEGOTransformer
+
+HIST_BINS = 50
+
+
+@torch.no_grad()
+def evaluate_routed(model: LEGOTransformer, windows: Tensor, batch_size: int, device: torch.device) -> dict:
+    """Run `model(x, return_stats=True)` over (n, seq + 1) token windows with the blocks' current thresholds.
+
+    Every token is scored with the logits of the block it exited at; per block we report the tokens that
+    exited there (count, rate, PPL, accuracy) and the confidences of the tokens that reached it.
+    """
+    model.eval()
+    n_blocks = len(model.blocks)
+    ce_sum, correct = [0.0] * n_blocks, [0] * n_blocks
+    exit_counts, active_counts = [0] * n_blocks, [0] * n_blocks
+    conf_sum = [0.0] * n_blocks
+    histograms = [torch.zeros(HIST_BINS, dtype=torch.long) for _ in range(n_blocks)]
+    seq_len = windows.shape[1] - 1
+    for batch in windows.split(batch_size):
+        x, y = batch[:, :-1].to(device), batch[:, 1:].to(device)
+        logits, stats = model(x, return_stats=True)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
+        right = logits.argmax(dim=-1) == y
+        for k in range(n_blocks):
+            exited = stats.exit_block == k
+            ce_sum[k] += float(ce[exited].sum())
+            correct[k] += int(right[exited].sum())
+            exit_counts[k] += stats.exit_counts[k]
+            active_counts[k] += stats.active_counts[k]
+            conf = stats.confidences[k].float().cpu()
+            conf_sum[k] += float(conf.sum())
+            histograms[k] += torch.histc(conf, bins=HIST_BINS, min=0.0, max=1.0).long()
+    total = sum(exit_counts)
+    loss = sum(ce_sum) / max(total, 1)
+    blocks = []
+    for k, block in enumerate(model.blocks):
+        n = exit_counts[k]
+        blocks.append({
+            "block": k,
+            "layers": block.num_layers,
+            "threshold": block.threshold if k < n_blocks - 1 else None,  # the last block never exits early
+            "reached": active_counts[k],
+            "exit_count": n,
+            "exit_rate": n / max(total, 1),
+            "mean_confidence": conf_sum[k] / active_counts[k] if active_counts[k] else None,
+            "ppl": _ppl(ce_sum[k] / n) if n else None,
+            "acc": correct[k] / n if n else None,
+        })  # fmt: skip
+    edges = torch.linspace(0, 1, HIST_BINS + 1).tolist()
+    return {
+        "ppl": _ppl(loss),
+        "loss": loss,
+        "acc": sum(correct) / max(total, 1),
+        "tokens": total,
+        "exit_counts": exit_counts,
+        "active_counts": active_counts,
+        "exit_rates": [n / max(total, 1) for n in exit_counts],
+        "shallow_ratio": 1.0 - exit_counts[-1] / max(total, 1),
+        "compute_cost": model.compute_cost(exit_counts),
+        "honest_cost": model.honest_cost(active_counts, seq_len),
+        "blocks": blocks,
+        "confidence_histograms": [{"edges": edges, "counts": h.tolist()} for h in histograms],
+    }
+
+
+@torch.no_grad()
+def set_exit_share(model: LEGOTransformer, val_windows: Tensor, share: float, batch_size: int, device) -> None:
+    """Set every early-exit threshold so that about `share` of the validation tokens reaching each block
+    exit there (block by block, since who reaches block k depends on the thresholds before it)."""
+    for block in model.blocks:
+        block.threshold = float("inf")
+    if share <= 0.0:
+        return
+    for k, block in enumerate(model.blocks[:-1]):
+        confidences = []
+        for batch in val_windows.split(batch_size):
+            _, stats = model(batch[:, :-1].to(device), return_stats=True)
+            confidences.append(stats.confidences[k].float().cpu())
+        block.threshold = calibrate_threshold(torch.cat(confidences), hard_ratio=1.0 - share)
+
+
+def threshold_scan(
+    model: LEGOTransformer, val_windows: Tensor, test_windows: Tensor, shares: list[float], batch_size: int, device
+) -> list[dict]:
+    """Test PPL and cost at a range of exit shares (0 = no early exit: the full-depth model). The model's
+    own thresholds are restored afterwards."""
+    saved = [block.threshold for block in model.blocks]
+    rows = []
+    try:
+        for share in sorted({0.0, *shares}):
+            set_exit_share(model, val_windows, share, batch_size, device)
+            result = evaluate_routed(model, test_windows, batch_size, device)
+            rows.append({
+                "target_exit_share": share,
+                "test_ppl": result["ppl"],
+                "test_acc": result["acc"],
+                "shallow_ratio": result["shallow_ratio"],
+                "compute_cost": result["compute_cost"],
+                "honest_cost": result["honest_cost"],
+            })  # fmt: skip
+    finally:
+        for block, threshold in zip(model.blocks, saved, strict=True):
+            block.threshold = threshold
+    return sorted(rows, key=lambda row: row["honest_cost"])
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 50.0))

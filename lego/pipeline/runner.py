@@ -1,0 +1,197 @@
+"""One experiment, end to end: data -> model -> training (staged LEGO or joint Universal) -> evaluation
+through TRUE early exit -> results.json, plots, W&B, a one-screen summary.
+
+`run_experiment` needs no Hydra (tests and notebooks call it with a RunConfig); `main` is the Hydra
+entry that `train.py` wraps: it resolves the run directory and the W&B group, and turns user errors
+into one clear line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from lego.data import format_summary, prepare_data
+from lego.errors import ConfigError, LEGOError
+from lego.model import LEGOTransformer
+from lego.pipeline.config import RunConfig, model_config, to_run_config
+from lego.pipeline.evaluation import evaluate_routed, threshold_scan
+from lego.pipeline.files import read_json, write_json
+from lego.pipeline.methods import get_method
+from lego.pipeline.plots import make_run_plots
+from lego.pipeline.report import format_results
+from lego.pipeline.staged import dense_compute_reference
+from lego.pipeline.tracking import Tracker
+from lego.training_data import TrainingData
+
+# Keys that may change between a run and its resume without changing what is computed.
+VOLATILE_KEYS = ("wandb", "debug", "trainer.progress", "trainer.num_threads", "trainer.device", "cache_dir")
+
+
+def run_experiment(run: RunConfig, resolved: dict, run_dir: Path, group: str | None = None) -> dict:
+    started = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    check_resumable(run_dir, resolved)
+    if run.trainer.num_threads:
+        torch.set_num_threads(run.trainer.num_threads)
+    device = pick_device(run.trainer.device)
+
+    prepared = prepare_data(
+        run.data, run.tokenizer, seed=run.seed, cache_dir=run.cache_dir, progress=run.trainer.progress
+    )
+    unigram_ppl = prepared.unigram_ppl()
+    print(format_summary(prepared.summary))
+    print(f"baseline: unigram test PPL {unigram_ppl:.1f}")
+    write_json(run_dir / "run_config.json", _comparable(resolved))
+    prepared.tokenizer.save(run_dir / "tokenizer.json")
+
+    torch.manual_seed(run.seed)
+    model = LEGOTransformer.from_config(model_config(run, prepared.vocab_size)).to(device)
+    train = TrainingData.from_windows(prepared.train)
+    val = TrainingData.from_windows(prepared.val)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"model: {n_params / 1e6:.2f}M parameters, blocks of {[b.num_layers for b in model.blocks]} layers, "
+        f"dim {model.dim}, on {device}"
+    )
+
+    tracker = Tracker(
+        run_dir=run_dir, config=resolved, mode=run.wandb.mode, project=run.wandb.project, entity=run.wandb.entity,
+        group=run.wandb.group or group, name=run.wandb.name or f"{run.experiment_name}/{run_dir.name}",
+        tags=list(run.wandb.tags),
+    )  # fmt: skip
+    with tracker:
+        stages = get_method(run.method)(run, model, train, val, run_dir, tracker)
+        results = final_results(run, model, prepared.val, prepared.test, stages, device)
+        results.update(
+            unigram_ppl=unigram_ppl,
+            parameters=n_params,
+            data={k: prepared.summary[k] for k in ("source", "documents", "tokens", "vocab_size", "fingerprint")},
+            wall_seconds=time.perf_counter() - started,
+        )
+        write_json(run_dir / "results.json", results)
+        images = make_run_plots(results, run_dir / "plots")
+        tracker.log_final(results, images)
+    print(format_results(results, run_dir))
+    return results
+
+
+def final_results(
+    run: RunConfig, model: LEGOTransformer, val_windows, test_windows, stages: list[dict], device
+) -> dict:
+    batch = run.trainer.eval_batch_size
+    test = evaluate_routed(model, test_windows, batch, device)
+    val = evaluate_routed(model, val_windows, batch, device)
+    scan = threshold_scan(model, val_windows, test_windows, list(run.trainer.threshold_scan), batch, device)
+    full_depth = next(row for row in scan if row["target_exit_share"] == 0.0)
+    blocks = []
+    for block_row, stage in zip(test["blocks"], stages, strict=True):
+        blocks.append({
+            **block_row,
+            "hard_ratio": stage.get("hard_ratio"),
+            "hard_count": stage.get("hard_count"),
+            "train_tokens": stage.get("train_tokens"),
+            "train_flops": stage.get("train_flops"),
+            "best_val_ppl": stage.get("best_val_ppl"),
+            "seconds": stage.get("seconds"),
+            "evals": stage.get("evals", []),
+        })  # fmt: skip
+    train_flops = sum(stage.get("train_flops", 0.0) for stage in stages)
+    first_stage_tokens = stages[0].get("train_tokens", 0)
+    dense_reference = dense_compute_reference(model, first_stage_tokens, test_windows.shape[1] - 1)
+    return {
+        "method": run.method,
+        "experiment_name": run.experiment_name,
+        "test_ppl": test["ppl"],
+        "test_acc": test["acc"],
+        "val_ppl": val["ppl"],
+        "val_acc": val["acc"],
+        "test_ppl_full_depth": full_depth["test_ppl"],
+        "test_acc_full_depth": full_depth["test_acc"],
+        "exit_counts": test["exit_counts"],
+        "exit_rates": test["exit_rates"],
+        "shallow_ratio": test["shallow_ratio"],
+        "compute_cost": test["compute_cost"],
+        "honest_cost": test["honest_cost"],
+        "thresholds": [row["threshold"] for row in test["blocks"]],
+        "blocks": blocks,
+        "stage_seconds": [stage.get("seconds") for stage in stages],
+        "train_flops": train_flops,
+        "train_flops_vs_dense": train_flops / dense_reference if dense_reference else None,
+        "threshold_scan": scan,
+        "confidence_histograms": test["confidence_histograms"],
+        "test_tokens": test["tokens"],
+    }
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name} but CUDA is not available here; use trainer.device=cpu or auto")
+    return torch.device(name)
+
+
+def _comparable(resolved: dict) -> dict:
+    """The resolved config without the keys that may change on resume."""
+    clean = json.loads(json.dumps(resolved))
+    for dotted in VOLATILE_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = clean
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    return clean
+
+
+def check_resumable(run_dir: Path, resolved: dict) -> None:
+    """A run directory may only be resumed with the config it was made with."""
+    saved_path = run_dir / "run_config.json"
+    if not saved_path.is_file():
+        return
+    saved, now = _flatten(read_json(saved_path)), _flatten(_comparable(resolved))
+    changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
+    if changed:
+        shown = ", ".join(f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in changed[:3])
+        raise ConfigError(
+            f"{run_dir} was made with another config ({shown}); resume with the same overrides or pick a new "
+            "hydra.run.dir"
+        )
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def main(cfg: DictConfig) -> float | None:
+    """Hydra task function (see train.py). Returns the test PPL, for sweepers that optimise it."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    fresh = not (run_dir / "run_config.json").exists()
+    group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
+    try:
+        run = to_run_config(cfg)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        return run_experiment(run, resolved, run_dir, group)["test_ppl"]
+    except LEGOError as err:
+        if fresh and not any(run_dir.glob("stage_*")):
+            shutil.rmtree(run_dir, ignore_errors=True)  # bad input leaves no half-made run behind
+        if cfg.get("debug") or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

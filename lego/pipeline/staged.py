@@ -1,0 +1,107 @@
+"""LEGO's staged training: Block 0 on every training token, Block k on Block k-1's hard tokens.
+
+Each stage leaves `stage_<k>/` in the run directory:
+  model.safetensors         the whole model after the stage
+  hard_tokens.safetensors   the TrainingData Block k+1 trains on (`TrainingData.load`); not for the last block
+  stats.json                written last: its presence marks the stage complete
+  checkpoint.pt             while the stage runs (weights_only-loadable); removed when it completes
+A re-run with the same run directory skips complete stages and resumes an interrupted one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lego.fitting import route
+from lego.model import LEGOTransformer
+from lego.pipeline.config import RunConfig, fit_config, hard_ratios
+from lego.pipeline.files import load_weights, read_json, save_weights, write_json
+from lego.pipeline.progress import StageProgress
+from lego.pipeline.tracking import Tracker
+from lego.training_data import TrainingData
+
+
+@dataclass
+class StageResult:
+    stats: dict
+    resumed: bool  # loaded from a complete stage folder instead of trained
+
+
+def train_staged(
+    run: RunConfig,
+    model: LEGOTransformer,
+    train: TrainingData,
+    val: TrainingData,
+    run_dir: Path,
+    tracker: Tracker,
+) -> list[StageResult]:
+    ratios = hard_ratios(run)
+    results: list[StageResult] = []
+    for k, block in enumerate(model.blocks):
+        last = k == len(model.blocks) - 1
+        stage_dir = run_dir / f"stage_{k}"
+        embedding = model.embedding if k == 0 else None
+        hard_path = stage_dir / "hard_tokens.safetensors"
+        if (stage_dir / "stats.json").is_file():
+            load_weights(model, stage_dir / "model.safetensors")
+            stats = read_json(stage_dir / "stats.json")
+            print(f"stage {k}: complete in {stage_dir}, loaded (delete the folder to retrain it)")
+            hard = None if last else TrainingData.load(hard_path)
+            results.append(StageResult(stats, resumed=True))
+        else:
+            config = fit_config(run, k, None if last else ratios[k], str(stage_dir / "checkpoint.pt"))
+            progress = StageProgress(
+                k,
+                _total_steps(train, config.batch_size, config.epochs, config.max_steps),
+                run.trainer.progress,
+                on_event=lambda event, k=k: tracker.log_step(k, _numeric(event)),
+            )
+            try:
+                hard, fit_stats = block.fit(train, val, config, embedding=embedding, callback=progress)
+            finally:
+                progress.close()
+            stats = {
+                "block": k,
+                "layers": block.num_layers,
+                "hard_ratio": None if last else ratios[k],
+                "train_sequences": train.num_sequences,
+                **fit_stats.as_dict(),
+            }
+            save_weights(model, stage_dir / "model.safetensors")
+            if hard is not None:
+                hard.save(hard_path)
+            write_json(stage_dir / "stats.json", stats)
+            (stage_dir / "checkpoint.pt").unlink(missing_ok=True)
+            tracker.log_stage_end(k, stats)
+            results.append(StageResult(stats, resumed=False))
+            print(_stage_line(k, stats))
+        if not last:
+            # Validation for the next stage: the tokens inference would send on (threshold routing).
+            val = route(block, val, embedding, run.trainer.eval_batch_size)
+            train = hard
+    return results
+
+
+def _total_steps(data: TrainingData, batch_size: int, epochs: int, max_steps: int | None) -> int:
+    steps = data.num_batches(batch_size) * epochs
+    return min(steps, max_steps) if max_steps is not None else steps
+
+
+def _numeric(event: dict) -> dict[str, float]:
+    return {k: v for k, v in event.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _stage_line(k: int, stats: dict) -> str:
+    parts = [f"stage {k}: best val PPL {stats['best_val_ppl']:.2f}", f"{stats['train_tokens']:,} token passes"]
+    if stats.get("threshold") is not None:
+        parts.append(f"threshold {stats['threshold']:.3f}, {stats['hard_count']:,} hard tokens")
+    parts.append(f"{stats['seconds']:.0f}s")
+    return ", ".join(parts)
+
+
+def dense_compute_reference(model: LEGOTransformer, train_tokens: int, seq_len: int) -> float:
+    """Training FLOPs of one dense pass of every layer over `train_tokens` (3x forward), head included:
+    the yardstick for a run's training compute."""
+    flops = sum(block.forward_flops(train_tokens, train_tokens, seq_len) for block in model.blocks)
+    return 3 * (flops + train_tokens * 2 * model.dim * model.vocab_size)

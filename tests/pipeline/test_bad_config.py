@@ -1,0 +1,32 @@
+"""Bad config values: one clear line on stderr, a non-zero exit, and no run directory left behind."""
+
+import pytest
+
+from .conftest import run_train
+
+BAD = [
+    ("hard_ratio.value=1.5", "hard_ratio.value=1.5"),
+    ("model.num_heads=3", "model.num_heads=3"),
+    ("block_schedule.blocks.0.layers=0", "block_schedule.blocks[0].layers=0"),
+    ("hard_ratio.per_block=[0.5,0.5,0.5]", "hard_ratio.per_block has 3 values"),
+    ("wandb.mode=sometimes", "wandb.mode='sometimes'"),
+    ("data.seq_len=0", "data.seq_len=0"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD)
+def test_out_of_range_values_fail_before_any_work(tmp_path, cache_dir, override, message):
+    run_dir = tmp_path / "run"
+    proc = run_train("+experiment=tiny", f"hydra.run.dir={run_dir}", override, cache_dir=cache_dir, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1]
+    assert "Traceback" not in proc.stderr
+    assert not run_dir.exists()
+
+
+def test_wrong_type_is_rejected_by_the_schema(tmp_path, cache_dir):
+    proc = run_train("+experiment=tiny", f"hydra.run.dir={tmp_path / 'run'}", "model.dim=wide", cache_dir=cache_dir)
+    assert proc.returncode != 0
+    assert "model.dim" in proc.stderr and "wide" in proc.stderr
+    assert not (tmp_path / "run").exists()

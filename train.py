@@ -1,0 +1,18 @@
+"""LEGO experiment runner: `python train.py +experiment=small` (see README.md for sweeps and resuming)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from lego.pipeline.config import register_configs
+from lego.pipeline.runner import main as run_main
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    return run_main(cfg)
+
+
+if __name__ == "__main__":
+    main()
