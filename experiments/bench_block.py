@@ -75,8 +75,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dense = statistics.median(times[1.0])
     rows = []
     mode = "forward+backward" if args.train else "forward"
-    print(f"LEGOBlock {mode}: dim {args.dim}, {args.heads} heads, {args.layers} layers, seq {args.seq}, "
-          f"batch {args.batch}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print(
+        f"LEGOBlock {mode}: dim {args.dim}, {args.heads} heads, {args.layers} layers, seq {args.seq}, "
+        f"batch {args.batch}, {torch.get_num_threads()} threads, median of {args.repeats}"
+    )
     print(f"{'active':>7} {'ms':>8} {'ratio':>7} {'ideal':>7} {'ratio/ideal':>12}")
     for share in SHARES:
         ms = statistics.median(times[share]) * 1e3
