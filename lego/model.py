@@ -248,7 +248,7 @@ class ExitStats:
     mean_confidence: list[float]  # over the tokens reaching each block
     thresholds: list[float]
     compute_cost: float  # sum_k exits_k * layers used / (tokens * total layers), as the original
-    honest_cost: float  # layer FLOPs really done, K/V of kept tokens included, over the dense FLOPs
+    honest_cost: float  # FLOPs really done (K/V of kept tokens, head) over the dense model's
     exit_block: Tensor  # (batch, seq) int64: the block each token exited at
     confidences: list[Tensor] = field(repr=False, default_factory=list)  # per block, tokens reaching it
 
@@ -368,15 +368,17 @@ class LEGOTransformer(nn.Module):
         return cost / max(sum(exit_counts) * self.total_layers, 1)
 
     def honest_cost(self, active_counts: Sequence[int], seq_len: int) -> float:
-        """Layer FLOPs really spent over the dense model's: counts the K/V projections every running
-        block computes for its kept (inactive) tokens, which `compute_cost` ignores."""
+        """Forward FLOPs really spent over the dense model's. Unlike `compute_cost` it counts the K/V
+        projections every running block computes for its kept (inactive) tokens, attention, and the
+        shared head (each token gets logits once, at the block it finishes in)."""
         total = active_counts[0] if active_counts else 0
+        head = total * 2 * self.dim * self.vocab_size
         done = dense = 0.0
         for block, n_active in zip(self.blocks, active_counts, strict=True):
             dense += block.forward_flops(total, total, seq_len)
             if n_active:
                 done += block.forward_flops(n_active, total, seq_len)
-        return done / max(dense, 1.0)
+        return (done + head) / max(dense + head, 1.0)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -294,3 +294,16 @@ def test_confidence_from_logits_decides_exits(method):
     model.blocks[0].threshold = float(out.confidence.median())
     _, stats = model(x, return_stats=True)
     assert torch.equal(stats.exit_block == 0, out.confidence >= model.blocks[0].threshold)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("share", [0.25, 0.5, 0.9])
+def test_honest_cost_matches_counted_flops(share):
+    """`honest_cost` is what FlopCounterMode measures for the routed forward over the dense one."""
+    model = make_model((2, 2))
+    x = random_tokens(batch=8, seq=32)
+    dense = flops(lambda: model(x))
+    set_exit_share(model, x, share)
+    _, stats = model(x, return_stats=True)
+    assert stats.honest_cost == pytest.approx(flops(lambda: model(x)) / dense, abs=0.03)
+    assert stats.honest_cost > stats.compute_cost  # the original metric leaves out the K/V work
