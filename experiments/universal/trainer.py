@@ -1,0 +1,279 @@
+"""UniversalTrainer: every layer trained at once on a weighted sum of per-layer LM losses, then routed with
+TRUE early exit through the core model.
+
+The model is the core `LEGOTransformer` with one one-layer `LEGOBlock` per layer, so layer i's logits
+(its `norm_out` + the shared head), its exit classifier and the routing all come from `lego`. Training is
+dense (every token through every layer); only inference exits early.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from experiments.universal.config import UniversalConfig
+from lego.fitting import token_losses
+from lego.model import BlockOutput, LEGOConfig, LEGOTransformer
+from lego.pipeline.evaluation import evaluate_routed
+from lego.pipeline.files import load_weights
+from lego.training_data import TrainingData
+
+
+@dataclass
+class LossParts:
+    """One batch's loss and its terms (all but `total` detached)."""
+
+    total: Tensor
+    task: Tensor  # sum_i w_i * L_i
+    layer_losses: dict[int, Tensor]  # L_i for every layer that got logits
+    exit: Tensor  # BCE of the learned exit classifiers
+    distill: Tensor  # KL to the teacher
+    self_distill: Tensor  # KL of the exit layers to the final layer
+    tokens: int
+
+
+class UniversalTrainer:
+    """Builds the model and its optimizer, trains an epoch, evaluates with routing; no Hydra needed."""
+
+    def __init__(self, config: UniversalConfig, vocab_size: int, device: str | torch.device = "cpu") -> None:
+        self.config = config
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self.teacher: LEGOTransformer | None = None
+
+    # -- model and optimizer ---------------------------------------------------------------------
+    def create_model(self, dim: int, num_heads: int, num_layers: int, max_seq_len: int = 1024, **kwargs) -> nn.Module:
+        """The core LEGOTransformer with `num_layers` one-layer blocks (layer i = `model.blocks[i - 1]`)."""
+        config = LEGOConfig(self.vocab_size, dim, num_heads, [1] * num_layers, max_seq_len, **kwargs)
+        model = LEGOTransformer.from_config(config).to(self.device)
+        self.prepare(model)
+        return model
+
+    def prepare(self, model: LEGOTransformer) -> None:
+        """Check the config against the model, load the teacher and set the routing."""
+        if any(block.num_layers != 1 for block in model.blocks):
+            raise ValueError("Universal numbers layers: give the model one-layer blocks (layers_per_block=[1]*N)")
+        self.config.check_layers(len(model.blocks))
+        teacher = self.config.teacher
+        if isinstance(teacher, (str, Path)):  # a checkpoint of this architecture
+            loaded = copy.deepcopy(model)
+            load_weights(loaded, Path(teacher))
+            teacher = loaded
+        if teacher is not None:
+            self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        self.configure_routing(model)
+
+    def create_optimizer(self, model: LEGOTransformer, base_lr: float = 1e-3) -> torch.optim.AdamW:
+        """AdamW with one parameter group per layer (`lr = base_lr * layer_lr_scales[i]`, default 1) and one
+        for the embedding and the (tied) head at `base_lr`."""
+        scales = self.config.layer_lr_scales or {}
+        groups = []
+        for i, block in enumerate(model.blocks, start=1):
+            lr = base_lr * scales.get(i, 1.0)
+            groups.append({"params": list(block.parameters()), "lr": lr, "layer": i})
+        shared = list({id(p): p for p in [*model.embedding.parameters(), *model.head.parameters()]}.values())
+        groups.append({"params": shared, "lr": base_lr, "layer": 0})
+        return torch.optim.AdamW(groups, lr=base_lr, betas=(0.9, 0.95), weight_decay=self.config.weight_decay)
+
+    # -- routing ---------------------------------------------------------------------------------
+    def configure_routing(self, model: LEGOTransformer) -> None:
+        """Thresholds on the exit layers (0 -> inf, 1.0 -> -inf, see UniversalConfig), inf elsewhere."""
+        for i, block in enumerate(model.blocks, start=1):
+            exits = i in self.config.exit_layers
+            block.threshold = self.config.exit_threshold(i) if exits else math.inf
+            block.confidence_method = self.config.confidence_method
+
+    # -- loss ------------------------------------------------------------------------------------
+    def layer_weights(self, epoch: int, max_epochs: int, num_layers: int) -> dict[int, float]:
+        """This epoch's weights: the alpha schedule's if any, else `layer_weights`; normalised on request."""
+        schedule = self.config.alpha_schedule
+        weights = schedule.weights(epoch, max_epochs, num_layers) if schedule else dict(self.config.layer_weights)
+        if self.config.normalize_weights:
+            total = sum(weights.values())
+            weights = {i: w / total for i, w in weights.items()}
+        return weights
+
+    def logit_layers(self, num_layers: int, weights: dict[int, float]) -> set[int]:
+        """Layers that need the shared head in training: weighted ones, plus the exit layers when their
+        classifier or self-distillation needs their predictions."""
+        layers = {i for i, w in weights.items() if w > 0}
+        if self.config.confidence_method == "learned" or self.config.self_distillation > 0:
+            layers |= set(self.config.exit_layers)
+        if self.config.self_distillation > 0:
+            layers.add(num_layers)
+        return layers
+
+    def compute_loss(self, model: LEGOTransformer, x: Tensor, y: Tensor, weights: dict[int, float]) -> LossParts:
+        n = len(model.blocks)
+        with _dense_heads(model):
+            outs = run_layers(model, x, self.logit_layers(n, weights))
+        zero = x.new_zeros((), dtype=torch.float32)
+        layer_losses, exit_loss = {}, zero
+        for i, out in enumerate(outs, start=1):
+            if not out.logits.numel():
+                continue
+            ce, right = token_losses(out, y)
+            layer_losses[i] = ce.mean()
+            if self.config.confidence_method == "learned" and i in self.config.exit_layers:
+                # As lego.fitting: "is this layer's argmax right?", on the classifier's detached input.
+                exit_logit = out.exit_logit.reshape(-1).index_select(0, out.logits_index)
+                exit_loss = exit_loss + F.binary_cross_entropy_with_logits(exit_logit.float(), right.float())
+        task = sum((w * layer_losses[i] for i, w in weights.items() if w > 0), zero)
+        total = task + self.config.exit_loss_weight * exit_loss
+
+        distill = self_distill = zero
+        temperature = self.config.distillation_temperature
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = run_layers(self.teacher, x, {n})[-1].logits
+            distill = sum(
+                (
+                    w * distillation_loss(outs[i - 1].logits, teacher_logits, temperature)
+                    for i, w in weights.items()
+                    if w > 0
+                ),
+                zero,
+            )
+            alpha = self.config.distillation_alpha
+            total = alpha * task + (1 - alpha) * distill + self.config.exit_loss_weight * exit_loss
+        if self.config.self_distillation > 0:
+            final = outs[-1].logits.detach()
+            self_distill = sum(
+                (distillation_loss(outs[i - 1].logits, final, temperature) for i in self.config.exit_layers), zero
+            )
+            total = total + self.config.self_distillation * self_distill
+        detached = {i: loss.detach() for i, loss in layer_losses.items()}
+        return LossParts(
+            total, task.detach(), detached, exit_loss.detach(), distill.detach(), self_distill.detach(), y.numel()
+        )
+
+    # -- training and evaluation -----------------------------------------------------------------
+    def train_epoch(
+        self,
+        model: LEGOTransformer,
+        data: TrainingData | Tensor,
+        optimizer: torch.optim.Optimizer,
+        epoch: int = 0,
+        max_epochs: int = 1,
+        *,
+        batch_size: int = 16,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        grad_clip: float = 1.0,
+        seed: int = 0,
+        max_steps: int | None = None,
+        callback: Callable[[dict], None] | None = None,
+    ) -> dict:
+        """One shuffled pass over `data` (a TrainingData or (n, seq + 1) token windows). `callback` gets a
+        "step" event per step; `max_steps` stops the epoch early. Returns the token-weighted mean losses."""
+        data = as_training_data(data)
+        weights = self.layer_weights(epoch, max_epochs, len(model.blocks))
+        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+        model.train()
+        sums: dict[str, float] = {}
+        tokens = steps = 0
+        for batch in data.batches(batch_size, shuffle=True, generator=generator):
+            if max_steps is not None and steps >= max_steps:
+                break
+            parts = self.compute_loss(model, batch.input_ids.to(self.device), batch.targets.to(self.device), weights)
+            optimizer.zero_grad(set_to_none=True)
+            parts.total.backward()
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            steps += 1
+            tokens += parts.tokens
+            terms = {"loss": parts.total.item(), "lm_loss": float(parts.task), "exit_loss": float(parts.exit)}
+            terms |= {f"layer{i}_loss": float(loss) for i, loss in parts.layer_losses.items()}
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + value * parts.tokens
+            if callback:
+                callback({
+                    "kind": "step", "epoch": epoch, "tokens": parts.tokens, "grad_norm": float(grad_norm),
+                    "lr": optimizer.param_groups[-1]["lr"], **terms,
+                })  # fmt: skip
+        means = {key: value / max(tokens, 1) for key, value in sums.items()}
+        return {**means, "ppl": math.exp(min(means.get("lm_loss", 0.0), 50.0)), "tokens": tokens, "steps": steps}
+
+    @torch.no_grad()
+    def layer_metrics(self, model: LEGOTransformer, data: TrainingData | Tensor, batch_size: int = 64) -> dict:
+        """Every layer's own loss, PPL and accuracy on every token (no routing): {layer: {...}}."""
+        data = as_training_data(data)
+        was_training = model.training
+        model.eval()
+        n = len(model.blocks)
+        ce_sum, correct, count = [0.0] * n, [0] * n, 0
+        with _dense_heads(model):
+            for batch in data.batches(batch_size):
+                y = batch.targets.to(self.device)
+                for k, out in enumerate(run_layers(model, batch.input_ids.to(self.device), set(range(1, n + 1)))):
+                    ce, right = token_losses(out, y)
+                    ce_sum[k] += float(ce.sum())
+                    correct[k] += int(right.sum())
+                count += y.numel()
+        model.train(was_training)
+        metrics = {}
+        for k in range(n):
+            loss = ce_sum[k] / max(count, 1)
+            metrics[k + 1] = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "acc": correct[k] / max(count, 1)}
+        return metrics
+
+    def evaluate(self, model: LEGOTransformer, data: TrainingData | Tensor, batch_size: int = 64) -> dict:
+        """Routed (TRUE early exit) PPL, accuracy, shallow ratio and compute cost with this config's routing."""
+        self.configure_routing(model)
+        data = as_training_data(data)
+        windows = torch.cat([data.input_ids, data.targets[:, -1:]], dim=1)
+        result = evaluate_routed(model, windows, batch_size, self.device)
+        keys = ("ppl", "acc", "loss", "shallow_ratio", "compute_cost", "honest_cost", "exit_rates", "tokens")
+        return {key: result[key] for key in keys}
+
+
+def run_layers(model: LEGOTransformer, x: Tensor, logit_layers: set[int]) -> list[BlockOutput]:
+    """Every token through every layer (dense); head work only for the layers in `logit_layers` (1-based)."""
+    h = model.embedding(x)
+    outs = []
+    for i, block in enumerate(model.blocks, start=1):
+        out = block.run(h, None, logits_for="active" if i in logit_layers else "none")
+        h = out.hidden
+        outs.append(out)
+    return outs
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Mean per-token KL(p_teacher || p_student) at `temperature`, scaled by T^2 (Hinton et al.) so its
+    gradient keeps its size as T changes. Zero when the two agree."""
+    t = temperature
+    student = F.log_softmax(student_logits.float() / t, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * t * t
+
+
+def as_training_data(data: TrainingData | Tensor) -> TrainingData:
+    """TrainingData of token ids, or (n, seq + 1) token windows turned into it."""
+    data = TrainingData.from_windows(data) if isinstance(data, Tensor) else data
+    if data.input_ids is None:
+        raise ValueError("Universal trains from token ids: give token windows or TrainingData.from_windows(...)")
+    return data
+
+
+@contextmanager
+def _dense_heads(model: LEGOTransformer) -> Iterator[None]:
+    """In training, confidence is not needed; the `learned` method is the one that costs no head work on
+    layers whose logits are not asked for (max_softmax / entropy would run the head on every layer)."""
+    saved = [block.confidence_method for block in model.blocks]
+    for block in model.blocks:
+        block.confidence_method = "learned"
+    try:
+        yield
+    finally:
+        for block, method in zip(model.blocks, saved, strict=True):
+            block.confidence_method = method

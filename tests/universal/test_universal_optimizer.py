@@ -1,0 +1,26 @@
+"""Layer-wise learning rates: one parameter group per layer at base_lr * scale, embedding/head at base_lr."""
+
+import pytest
+from universal_helpers import make_trainer
+
+from experiments.universal_trainer import UniversalConfig
+
+
+def test_one_group_per_layer_with_scaled_lr():
+    config = UniversalConfig.preset("lpt", layer_lr_scales={1: 1.0, 2: 0.5, 3: 0.1})
+    trainer, model = make_trainer(config)
+    optimizer = trainer.create_optimizer(model, base_lr=1e-3)
+    lrs = {group["layer"]: group["lr"] for group in optimizer.param_groups}
+    assert lrs == pytest.approx({1: 1e-3, 2: 5e-4, 3: 1e-4, 0: 1e-3})
+    for i, block in enumerate(model.blocks, start=1):
+        group = next(g for g in optimizer.param_groups if g["layer"] == i)
+        assert {id(p) for p in group["params"]} == {id(p) for p in block.parameters()}
+
+
+def test_every_parameter_once_tied_head_included():
+    trainer, model = make_trainer(UniversalConfig.preset("standard"))
+    optimizer = trainer.create_optimizer(model, base_lr=3e-4)
+    ids = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert id(model.head.weight) in ids
+    assert all(group["lr"] == 3e-4 for group in optimizer.param_groups)  # no scales: every layer at base_lr
