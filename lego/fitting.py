@@ -264,7 +264,7 @@ def fit_block(
         for i, batch in enumerate(train.batches(config.batch_size, shuffle=True, generator=generator)):
             if i < state["step"] - epoch * steps_per_epoch:
                 continue  # resumed mid-epoch: skip what was done (same shuffle, same order)
-            loss, lm_loss, exit_loss, n_tokens = _train_step(block, batch, embedding, config, device)
+            loss, lm_loss, exit_loss, n_tokens = train_step(block, batch, embedding, config, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -318,7 +318,7 @@ def fit_block(
     return hard_data, stats
 
 
-def _train_step(
+def train_step(
     block: LEGOBlock, batch: TrainingData, embedding: nn.Embedding | None, config: FitConfig, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     out = block.run(block_input(batch, embedding, device), batch.active.to(device), logits_for="active")

@@ -87,35 +87,35 @@ class SparseLayout:
 
 
 class CausalSelfAttention(nn.Module):
+    """Queries, keys and values come from one fused projection `wqkv` (rows: q, then k, then v). The
+    sparse path multiplies by its row slices: q for the active tokens, k/v for every token."""
+
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
+        self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.wq = nn.Linear(dim, dim, bias=False)
-        self.wkv = nn.Linear(dim, 2 * dim, bias=False)  # keys and values: computed for every token
+        self.wqkv = nn.Linear(dim, 3 * dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
-
-    def _keys_values(self, x: Tensor, rope: RotaryEmbedding) -> tuple[Tensor, Tensor]:
-        """x: (batch, seq, dim) -> k, v: (batch, heads, seq, head_dim), k rotated by its position."""
-        batch, seq_len, _ = x.shape
-        k, v = self.wkv(x).view(batch, seq_len, 2, self.num_heads, self.head_dim).unbind(2)
-        k = apply_rope(k, rope.cos[:seq_len], rope.sin[:seq_len])
-        return k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x: Tensor, rope: RotaryEmbedding) -> Tensor:
         """Dense causal attention over (batch, seq, dim)."""
         batch, seq_len, dim = x.shape
-        q = self.wq(x).view(batch, seq_len, self.num_heads, self.head_dim)
-        q = apply_rope(q, rope.cos[:seq_len], rope.sin[:seq_len]).transpose(1, 2)
-        k, v = self._keys_values(x, rope)
+        qkv = self.wqkv(x).view(batch, seq_len, 3 * self.num_heads, self.head_dim)
+        qk = apply_rope(qkv[:, :, : 2 * self.num_heads], rope.cos[:seq_len], rope.sin[:seq_len])  # q, k at once
+        q, k = qk.transpose(1, 2).split(self.num_heads, dim=1)
+        v = qkv[:, :, 2 * self.num_heads :].transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, dim))
 
     def forward_sparse(self, x_all: Tensor, x_active: Tensor, layout: SparseLayout, rope: RotaryEmbedding) -> Tensor:
         """Queries for the active tokens only (x_active: (n_active, dim)); keys/values for all of x_all."""
-        n_active, dim = x_active.shape
-        k, v = self._keys_values(x_all, rope)
-        q = self.wq(x_active).view(n_active, self.num_heads, self.head_dim)
+        batch, seq_len, dim = x_all.shape
+        n_active = x_active.shape[0]
+        k, v = F.linear(x_all, self.wqkv.weight[dim:]).view(batch, seq_len, 2, self.num_heads, self.head_dim).unbind(2)
+        k = apply_rope(k, rope.cos[:seq_len], rope.sin[:seq_len]).transpose(1, 2)
+        v = v.transpose(1, 2)
+        q = F.linear(x_active, self.wqkv.weight[:dim]).view(n_active, self.num_heads, self.head_dim)
         q = apply_rope(q, rope.cos[layout.positions], rope.sin[layout.positions])
         q_padded = q.new_zeros(layout.batch * layout.max_active, self.num_heads, self.head_dim)
         q_padded = q_padded.index_copy(0, layout.padded_index, q)

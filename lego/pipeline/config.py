@@ -180,15 +180,21 @@ def model_config(run: RunConfig, vocab_size: int) -> LEGOConfig:
     )
 
 
-def fit_config(run: RunConfig, k: int, hard_ratio: float | None, checkpoint_path: str | None) -> FitConfig:
+def fit_config(
+    run: RunConfig, k: int, hard_ratio: float | None, checkpoint_path: str | None, active_share: float = 1.0
+) -> FitConfig:
+    """Block k's training settings. Unless the stage sets its own batch_size, a batch holds enough
+    sequences for about `data.batch_size * seq_len` active tokens: later blocks, whose sequences are
+    only partly hard, take the same number of trainable tokens per step as Block 0."""
     stage = run.block_schedule.blocks[k]
+    batch_size = stage.batch_size or max(1, round(run.data.batch_size / max(active_share, 1e-6)))
     return FitConfig(
         epochs=stage.epochs,
         lr=stage.lr,
         min_lr_ratio=stage.min_lr_ratio,
         warmup_steps=stage.warmup_steps,
         weight_decay=stage.weight_decay,
-        batch_size=stage.batch_size or run.data.batch_size,
+        batch_size=batch_size,
         eval_batch_size=run.trainer.eval_batch_size,
         grad_clip=run.trainer.grad_clip,
         patience=stage.patience,

@@ -77,19 +77,28 @@ def evaluate_routed(model: LEGOTransformer, windows: Tensor, batch_size: int, de
 
 
 @torch.no_grad()
-def set_exit_share(model: LEGOTransformer, val_windows: Tensor, share: float, batch_size: int, device) -> None:
+def set_exit_share(
+    model: LEGOTransformer, val_windows: Tensor, share: float, batch_size: int, device, cache: dict | None = None
+) -> None:
     """Set every early-exit threshold so that about `share` of the validation tokens reaching each block
-    exit there (block by block, since who reaches block k depends on the thresholds before it)."""
+    exit there (block by block, since who reaches block k depends on the thresholds before it).
+
+    `cache` keeps block k's validation confidences per setting of the thresholds before it, so a scan
+    over shares computes Block 0's only once."""
+    cache = {} if cache is None else cache
     for block in model.blocks:
         block.threshold = float("inf")
     if share <= 0.0:
         return
     for k, block in enumerate(model.blocks[:-1]):
-        confidences = []
-        for batch in val_windows.split(batch_size):
-            _, stats = model(batch[:, :-1].to(device), return_stats=True)
-            confidences.append(stats.confidences[k].float().cpu())
-        block.threshold = calibrate_threshold(torch.cat(confidences), hard_ratio=1.0 - share)
+        key = (k, *(b.threshold for b in model.blocks[:k]))
+        if key not in cache:
+            confidences = []
+            for batch in val_windows.split(batch_size):
+                _, stats = model(batch[:, :-1].to(device), return_stats=True)
+                confidences.append(stats.confidences[k].float().cpu())
+            cache[key] = torch.cat(confidences)
+        block.threshold = calibrate_threshold(cache[key], hard_ratio=1.0 - share)
 
 
 def threshold_scan(
@@ -98,10 +107,10 @@ def threshold_scan(
     """Test PPL and cost at a range of exit shares (0 = no early exit: the full-depth model). The model's
     own thresholds are restored afterwards."""
     saved = [block.threshold for block in model.blocks]
-    rows = []
+    rows, cache = [], {}
     try:
         for share in sorted({0.0, *shares}):
-            set_exit_share(model, val_windows, share, batch_size, device)
+            set_exit_share(model, val_windows, share, batch_size, device, cache)
             result = evaluate_routed(model, test_windows, batch_size, device)
             rows.append({
                 "target_exit_share": share,

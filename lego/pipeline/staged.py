@@ -50,7 +50,8 @@ def train_staged(
             hard = None if last else TrainingData.load(hard_path)
             results.append(StageResult(stats, resumed=True))
         else:
-            config = fit_config(run, k, None if last else ratios[k], str(stage_dir / "checkpoint.pt"))
+            active_share = len(train) / train.targets.numel()
+            config = fit_config(run, k, None if last else ratios[k], str(stage_dir / "checkpoint.pt"), active_share)
             progress = StageProgress(
                 k,
                 _total_steps(train, config.batch_size, config.epochs, config.max_steps),

@@ -173,17 +173,17 @@ def test_training_loss_counts_active_tokens_only():
     model = make_model()
     data = small_dataset()
     hard, _ = model.blocks[0].fit(data, small_dataset(8, seed=1), FitConfig(**FAST), embedding=model.embedding)
-    from lego.fitting import _train_step
+    from lego.fitting import train_step
 
     batch = next(hard.batches(8))
-    loss_a = _train_step(model.blocks[1], batch, None, FitConfig(**FAST), torch.device("cpu"))
+    loss_a = train_step(model.blocks[1], batch, None, FitConfig(**FAST), torch.device("cpu"))
     changed = TrainingData(batch.hidden_states, torch.where(batch.active, batch.targets, 0), batch.active)
-    loss_b = _train_step(model.blocks[1], changed, None, FitConfig(**FAST), torch.device("cpu"))
+    loss_b = train_step(model.blocks[1], changed, None, FitConfig(**FAST), torch.device("cpu"))
     assert loss_a[3] == int(batch.active.sum())
     torch.testing.assert_close(loss_a[0], loss_b[0], rtol=0, atol=0)
-    step_flops = flops(lambda: _train_step(model.blocks[1], batch, None, FitConfig(**FAST), torch.device("cpu")))
+    step_flops = flops(lambda: train_step(model.blocks[1], batch, None, FitConfig(**FAST), torch.device("cpu")))
     dense = TrainingData(batch.hidden_states, batch.targets, torch.ones_like(batch.active))
-    dense_flops = flops(lambda: _train_step(model.blocks[1], dense, None, FitConfig(**FAST), torch.device("cpu")))
+    dense_flops = flops(lambda: train_step(model.blocks[1], dense, None, FitConfig(**FAST), torch.device("cpu")))
     assert step_flops < 0.8 * dense_flops
 
 

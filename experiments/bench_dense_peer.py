@@ -1,0 +1,100 @@
+"""Dense throughput against a peer: forward+backward tokens/s of LEGO's layer stack vs
+`torch.nn.TransformerEncoderLayer` (pre-norm, causal mask, no dropout) at the same sizes.
+
+Both stacks have the same width, depth and (about) the same parameter count: the peer's GELU MLP is
+4*dim wide, ours is a SwiGLU of 2/3 of that with three matrices. Timed side by side, interleaved,
+median of repeats. Target: ours no slower (ratio >= 1.0).
+
+    python experiments/bench_dense_peer.py                 # dim 512, 8 heads, 4 layers, seq 256, batch 8
+    python experiments/bench_dense_peer.py --compile       # both stacks through torch.compile
+    python experiments/bench_dense_peer.py --dim 64 --seq 32 --batch 2 --repeats 2     # smoke size
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from lego import LEGOBlock
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--compile", action="store_true", help="torch.compile both stacks")
+    return parser.parse_args(argv)
+
+
+class PeerStack(nn.Module):
+    def __init__(self, dim: int, heads: int, layers: int, seq: int) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x, mask=self.mask, is_causal=True)
+
+
+class LegoStack(nn.Module):
+    """One LEGOBlock's layers, run dense (every token active), without its exit classifier and head."""
+
+    def __init__(self, dim: int, heads: int, layers: int, seq: int) -> None:
+        super().__init__()
+        self.block = LEGOBlock(dim, heads, layers, max_seq_len=seq)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.block.layers:
+            x = layer(x, self.block.rope)
+        return x
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    stacks = {
+        "lego": LegoStack(args.dim, args.heads, args.layers, args.seq),
+        "nn.TransformerEncoderLayer": PeerStack(args.dim, args.heads, args.layers, args.seq),
+    }
+    params = {name: sum(p.numel() for p in stack.parameters()) for name, stack in stacks.items()}
+    if args.compile:
+        stacks = {name: torch.compile(stack) for name, stack in stacks.items()}
+    x = torch.randn(args.batch, args.seq, args.dim)
+
+    def step(stack: nn.Module) -> float:
+        start = time.perf_counter()
+        stack(x).square().mean().backward()
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {name: [] for name in stacks}
+    for stack in stacks.values():
+        step(stack)  # warm-up (and compilation)
+    for _ in range(args.repeats):
+        for name, stack in stacks.items():
+            times[name].append(step(stack))
+    tokens = args.batch * args.seq
+    rate = {name: tokens / statistics.median(t) for name, t in times.items()}
+    print(
+        f"forward+backward, dim {args.dim}, {args.heads} heads, {args.layers} layers, seq {args.seq}, "
+        f"batch {args.batch}, compile={args.compile}, {torch.get_num_threads()} threads, median of {args.repeats}"
+    )
+    for name in stacks:
+        print(f"{name:>28}: {rate[name]:>10,.0f} tokens/s  ({params[name] / 1e6:.2f}M params)")
+    ratio = rate["lego"] / rate["nn.TransformerEncoderLayer"]
+    print(f"lego / peer throughput: {ratio:.3f} (target >= 1.0)")
+    return {"rates": rate, "ratio": ratio}
+
+
+if __name__ == "__main__":
+    main()
