@@ -3,6 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
+import experiments.universal_trainer  # noqa: F401  (registers method=universal)
 from lego.pipeline.config import register_configs
 from lego.pipeline.runner import main as run_main
 
