@@ -1,0 +1,96 @@
+"""Every plot writes a real, non-blank PNG; make_run_plots writes what the results support and skips the rest."""
+
+import math
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from lego.pipeline.plots import (
+    make_run_plots,
+    plot_confidence_histograms,
+    plot_exit_rates,
+    plot_ppl_vs_compute,
+    plot_training_curves,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_results() -> dict:
+    """A results.json as the runner writes it for a 3-block run; block 2 is last (no threshold), block 1 got no
+    exits (NaN PPL), as happens with a high threshold."""
+    edges = [i / 50 for i in range(51)]
+    evals = [
+        [{"step": s, "train_ppl": 400 / s, "val_ppl": 500 / s + 20} for s in (10, 20, 40)],
+        [{"step": s, "train_ppl": 900 / s, "val_ppl": 900 / s + 60} for s in (5, 10)],
+        [{"step": 8, "val_ppl": 120.0}],
+    ]
+    blocks = [
+        {"block": 0, "layers": 2, "threshold": 0.62, "exit_count": 600, "exit_rate": 0.6, "mean_confidence": 0.7},
+        {"block": 1, "layers": 2, "threshold": 0.97, "exit_count": 0, "exit_rate": 0.0, "mean_confidence": 0.4},
+        {"block": 2, "layers": 4, "threshold": None, "exit_count": 400, "exit_rate": 0.4, "mean_confidence": 0.3},
+    ]
+    for block, ppl, rows in zip(blocks, (8.0, math.nan, 90.0), evals, strict=True):
+        block.update(ppl=ppl, acc=0.3, evals=rows)
+    scan = [
+        {"target_exit_share": share, "test_ppl": 30 + 40 * share**2, "honest_cost": 1 - 0.5 * share}
+        for share in (0.9, 0.6, 0.3, 0.0)
+    ]
+    return {
+        "test_ppl": 35.2,
+        "honest_cost": 0.72,
+        "compute_cost": 0.64,
+        "exit_rates": [0.6, 0.0, 0.4],
+        "blocks": blocks,
+        "threshold_scan": scan,
+        "confidence_histograms": [
+            {"edges": edges, "counts": [int(100 * math.exp(-((i - c) ** 2) / 40)) for i in range(50)]}
+            for c in (35, 20, 10)
+        ],
+    }
+
+
+def assert_real_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    assert matplotlib.image.imread(path).std() > 0.01  # not a blank canvas
+    assert not list(path.parent.glob(f".{path.name}.*"))  # no temporary file left by the atomic write
+
+
+def test_exit_rates(tmp_path):
+    assert_real_png(plot_exit_rates(fake_results(), tmp_path / "exit_rates.png"))
+
+
+def test_confidence_histograms(tmp_path):
+    assert_real_png(plot_confidence_histograms(fake_results(), tmp_path / "hist.png"))
+
+
+@pytest.mark.parametrize("x", ["honest_cost", "compute_cost"])
+def test_ppl_vs_compute(tmp_path, x):
+    results = fake_results()
+    curves = {"LEGO": results["threshold_scan"], "other": [{x: 0.5, "test_ppl": 50.0}, {x: 1.0, "test_ppl": 31.0}]}
+    points = {"dense baseline": {x: 1.0, "test_ppl": 29.0}, "missing x": {"test_ppl": 40.0}}
+    assert_real_png(plot_ppl_vs_compute(curves, tmp_path / "ppl.png", x=x, points=points))
+
+
+def test_training_curves(tmp_path):
+    stage_evals = [block["evals"] for block in fake_results()["blocks"]]
+    assert_real_png(plot_training_curves(stage_evals, tmp_path / "curves.png"))
+
+
+def test_make_run_plots_writes_all_four(tmp_path):
+    written = make_run_plots(fake_results(), tmp_path / "plots")
+    assert set(written) == {"exit_rates", "confidence_histograms", "ppl_vs_compute", "training_curves"}
+    for name, path in written.items():
+        assert path == tmp_path / "plots" / f"{name}.png"
+        assert_real_png(path)
+
+
+def test_make_run_plots_skips_what_is_missing(tmp_path):
+    results = fake_results()
+    results["threshold_scan"] = []
+    for block in results["blocks"]:
+        block["evals"] = []
+    written = make_run_plots(results, tmp_path)
+    assert set(written) == {"exit_rates", "confidence_histograms"}
+    assert not (tmp_path / "ppl_vs_compute.png").exists()
