@@ -1,0 +1,152 @@
+"""W&B tracking in offline mode: what a run logs can be read back from its run folder, with no account or network."""
+
+import math
+import os
+
+import pytest
+import wandb
+
+from lego.errors import ConfigError
+from lego.pipeline import tracking
+from lego.pipeline.plots import plot_exit_rates
+from lego.pipeline.tracking import Tracker, read_offline_run
+
+CONFIG = {"experiment_name": "tiny", "model": {"dim": 32, "blocks": [2, 2]}, "hard_ratio": {"value": 0.5}}
+
+
+def two_block_results() -> dict:
+    """The results.json keys the tracker reads; block 0 got no exits, so its PPL and accuracy are NaN."""
+    blocks = [
+        {"block": 0, "layers": 2, "threshold": 0.99, "exit_count": 0, "exit_rate": 0.0, "mean_confidence": 0.41},
+        {"block": 1, "layers": 2, "threshold": None, "exit_count": 500, "exit_rate": 1.0, "mean_confidence": 0.2},
+    ]
+    blocks[0].update(ppl=math.nan, acc=math.nan, evals=[{"step": 3, "val_ppl": 80.0}])
+    blocks[1].update(ppl=41.5, acc=0.22, evals=[{"step": 3, "val_ppl": 60.0}])
+    return {
+        "experiment_name": "tiny",
+        "test_ppl": 41.5,
+        "test_acc": 0.22,
+        "val_ppl": 43.0,
+        "val_acc": 0.21,
+        "compute_cost": 1.0,
+        "honest_cost": 1.0,
+        "shallow_ratio": 0.0,
+        "unigram_ppl": 120.0,
+        "exit_counts": [0, 500],
+        "exit_rates": [0.0, 1.0],
+        "blocks": blocks,
+        "threshold_scan": [{"target_exit_share": 0.0, "test_ppl": 41.5, "honest_cost": 1.0}],
+    }
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory):
+    """One offline run with two stages and final results, shared by the read-back tests (wandb takes ~1 s)."""
+    run_dir = tmp_path_factory.mktemp("run")
+    results = two_block_results()
+    image = plot_exit_rates(results, run_dir / "plots" / "exit_rates.png")
+    with Tracker(run_dir=run_dir, config=CONFIG, group="sweep", name="job-0", tags=["test"]) as tracker:
+        for stage in (0, 1):
+            for step in (1, 2, 3):
+                tracker.log_step(stage, {"lm_loss": 5.0 - step - stage, "tokens": 64.0})
+            stats = {"hard_count": 120 - 120 * stage, "threshold": 0.99 if stage == 0 else None, "best_val_ppl": 60.0}
+            tracker.log_stage_end(stage, {**stats, "seconds": 1.5, "train_tokens": 192, "evals": [{"step": 3}]})
+        tracker.log_final(results, {"exit_rates": image, "missing": run_dir / "plots" / "missing.png"})
+    return tracker, results, read_offline_run(run_dir)
+
+
+def test_per_block_exit_stats_are_summary_values(offline_run):
+    _, results, logged = offline_run
+    summary = logged["summary"]
+    for k, block in enumerate(results["blocks"]):
+        for field in ("exit_rate", "exit_count", "mean_confidence", "layers"):
+            assert summary[f"block_{k}/{field}"] == block[field]
+    assert summary["block_0/threshold"] == 0.99
+    assert "block_1/threshold" not in summary  # the last block has none
+    assert summary["block_1/ppl"] == 41.5 and summary["block_1/acc"] == 0.22
+    assert summary["block_0/ppl"] is None or math.isnan(summary["block_0/ppl"])  # NaN logged as-is
+
+
+def test_run_scalars_and_stage_ends_are_summary_values(offline_run):
+    _, results, logged = offline_run
+    summary = logged["summary"]
+    for key in ("test_ppl", "val_ppl", "compute_cost", "honest_cost", "unigram_ppl"):
+        assert summary[key] == results[key]
+    assert summary["stage_0/hard_count"] == 120 and summary["stage_0/threshold"] == 0.99
+    assert summary["stage_1/hard_count"] == 0 and summary["stage_1/train_tokens"] == 192
+    assert "stage_1/threshold" not in summary and "stage_0/evals" not in summary
+
+
+def test_config_group_and_run_identity(offline_run):
+    _, _, logged = offline_run
+    assert logged["config"] == CONFIG
+    assert (logged["group"], logged["name"], logged["tags"], logged["job_type"]) == (
+        "sweep",
+        "job-0",
+        ["test"],
+        "train",
+    )
+    assert logged["exit_code"] == 0
+
+
+def test_training_curves_use_each_stages_own_step(offline_run):
+    _, _, logged = offline_run
+    for stage in (0, 1):
+        rows = [row for row in logged["history"] if f"stage_{stage}/step" in row]
+        assert [row[f"stage_{stage}/step"] for row in rows] == [1, 2, 3]
+        assert [row[f"stage_{stage}/lm_loss"] for row in rows] == [4.0 - stage, 3.0 - stage, 2.0 - stage]
+
+
+def test_table_and_images_are_logged(offline_run):
+    _, _, logged = offline_run
+    assert logged["tables"] == ["exit_stats"]
+    assert logged["images"] == ["plots/exit_rates"]  # the missing file is skipped
+    assert logged["summary"]["exit_stats"]["nrows"] == 2
+
+
+def test_offline_run_folder_is_self_contained(offline_run):
+    """`wandb sync` uploads the table from its staged copy, which must therefore live in the run folder too."""
+    tracker, _, _ = offline_run
+    log = next(tracker.offline_dir.glob("run-*.wandb"))
+    artifacts = [r.artifact for r in tracking._records(log) if r.WhichOneof("record_type") == "artifact"]
+    staged = [entry.local_path for artifact in artifacts for entry in artifact.manifest.contents]
+    assert staged and all(path.startswith(str(tracker.offline_dir)) for path in staged)
+    assert "WANDB_DATA_DIR" not in os.environ  # restored after logging the table
+
+
+def test_exception_finishes_the_run_and_the_next_job_gets_its_own(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"), Tracker(run_dir=tmp_path, config={"job": 0}) as failed:
+        failed.log_step(0, {"lm_loss": 1.0})
+        raise RuntimeError("boom")
+    with Tracker(run_dir=tmp_path, config={"job": 1}) as second:
+        second.log_step(0, {"lm_loss": 2.0})
+    assert failed.offline_dir != second.offline_dir
+    first_logged, second_logged = read_offline_run(failed.offline_dir), read_offline_run(second.offline_dir)
+    assert first_logged["exit_code"] == 1 and second_logged["exit_code"] == 0
+    assert second_logged["config"] == {"job": 1}
+    assert [row["stage_0/lm_loss"] for row in second_logged["history"]] == [2.0]
+    assert read_offline_run(tmp_path)["config"] == {"job": 1}  # the run directory resolves to its latest run
+    second.finish()  # idempotent
+
+
+def test_disabled_writes_nothing(tmp_path):
+    with Tracker(run_dir=tmp_path, config=CONFIG, mode="disabled") as tracker:
+        tracker.log_step(0, {"lm_loss": 1.0})
+        tracker.log_stage_end(0, {"hard_count": 1})
+        tracker.log_final(two_block_results(), {})
+    assert tracker.offline_dir is None
+    assert not (tmp_path / "wandb").exists()
+
+
+def test_bad_mode_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="wandb.mode='sometimes' must be one of offline, online, disabled"):
+        Tracker(run_dir=tmp_path, config={}, mode="sometimes")
+
+
+def test_online_failure_suggests_offline(tmp_path, monkeypatch):
+    def no_network(**kwargs):
+        raise wandb.errors.CommError("Network error (ConnectionError), entering retry loop.\nmore detail")
+
+    monkeypatch.setattr(wandb, "init", no_network)
+    with pytest.raises(ConfigError, match=r"^wandb.mode=online .*\(Network error .*\).*wandb.mode=offline$"):
+        Tracker(run_dir=tmp_path, config={}, mode="online")
