@@ -108,21 +108,28 @@ def plot_ppl_vs_compute(
 def plot_training_curves(stage_evals: list[list[dict]], path: Path) -> Path:
     """Validation PPL (solid) and training PPL (dashed) of each stage against its own step count.
 
-    Log scale: PPL falls by orders of magnitude early on, and the later stages train on harder tokens, so their
-    curves sit far above the first stage's.
+    Log scale when the PPLs span more than 10x: PPL falls by orders of magnitude early on, and the later stages
+    train on harder tokens, so their curves can sit far above the first stage's. Markers keep a stage with a
+    single evaluation visible.
     """
     fig = Figure(figsize=(6.5, 4.5), layout="constrained")
     ax = fig.add_subplot()
+    ppls = []
     for k, rows in enumerate(stage_evals):
         if not rows:
             continue
         color = f"C{k}"
         steps = [row["step"] for row in rows]
-        ax.plot(steps, [_number(row.get("val_ppl")) for row in rows], color=color, marker=".", label=f"stage {k} val")
+        val = [_number(row.get("val_ppl")) for row in rows]
+        ax.plot(steps, val, color=color, marker="o", markersize=4, label=f"stage {k} val")
+        ppls += val
         if any("train_ppl" in row for row in rows):
             train = [_number(row.get("train_ppl")) for row in rows]
-            ax.plot(steps, train, color=color, linestyle="--", label=f"stage {k} train")
-    ax.set_yscale("log")
+            ax.plot(steps, train, color=color, marker="x", linestyle="--", label=f"stage {k} train")
+            ppls += train
+    finite = [ppl for ppl in ppls if ppl > 0 and math.isfinite(ppl)]
+    if finite and max(finite) > 10 * min(finite):
+        ax.set_yscale("log")
     ax.set_xlabel("step (within the stage)")
     ax.set_ylabel("perplexity (stage's own tokens)")
     ax.set_title("Training curves per stage")
@@ -162,7 +169,9 @@ def _save(fig: Figure, path: Path) -> Path:
 
 def _block_label(k: int, block: dict) -> str:
     layers = block.get("layers")
-    return f"block {k}" if layers is None else f"block {k}\n({layers} layers)"
+    if layers is None:
+        return f"block {k}"
+    return f"block {k}\n({layers} layer{'' if layers == 1 else 's'})"
 
 
 def _run_note(results: dict) -> str:
