@@ -10,7 +10,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_train(*overrides: str, cache_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_train(*args: str, cache_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` with progress bars off, offline, and its own cache; flags such as -m first."""
+    flags = [a for a in args if a.startswith("-")]
+    overrides = [a for a in args if not a.startswith("-")]
     env = {
         **os.environ,
         "LEGO_CACHE_DIR": str(cache_dir),
@@ -20,7 +23,7 @@ def run_train(*overrides: str, cache_dir: Path, timeout: float = 300) -> subproc
     }
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "trainer.progress=false", *overrides],
+        [sys.executable, str(REPO / "train.py"), *flags, "trainer.progress=false", *overrides],
         cwd=REPO,
         env=env,
         capture_output=True,

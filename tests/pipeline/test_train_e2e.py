@@ -4,10 +4,10 @@ multirun, W&B read-back."""
 import json
 
 import torch
-from lego.pipeline.tracking import read_offline_run
 from safetensors.torch import load_file
 
 from lego import TrainingData
+from lego.pipeline.tracking import read_offline_run
 
 from .conftest import run_train
 
@@ -89,7 +89,7 @@ def test_resume_after_stage_0_trains_only_stage_1(tmp_path, cache_dir):
 
 
 def test_resume_with_another_config_is_refused(tiny_run, cache_dir):
-    proc = run_train("+experiment=tiny", f"hydra.run.dir={tiny_run}", "model.dim=64", cache_dir=cache_dir)
+    proc = run_train("+experiment=tiny", f"hydra.run.dir={tiny_run}", "model.dim=96", cache_dir=cache_dir)
     assert proc.returncode == 2
     assert "made with another config" in proc.stderr and "model.dim" in proc.stderr
     assert (tiny_run / "results.json").is_file()  # nothing already written is lost
