@@ -1,0 +1,46 @@
+"""Every benchmark script runs at a tiny size, so none of them rots. Not timed: the numbers are not checked."""
+
+import pytest
+
+from experiments import bench_block, bench_dense_peer, bench_inference, bench_train_hard
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_bench_block(train, capsys):
+    rows = bench_block.main(
+        ["--dim", "32", "--heads", "2", "--seq", "16", "--batch", "2", "--repeats", "1"]
+        + (["--train"] if train else [])
+    )
+    assert [row["active"] for row in rows[:6]] == list(bench_block.SHARES)
+    assert "ratio/ideal" in capsys.readouterr().out
+
+
+def test_bench_inference():
+    rows = bench_inference.main(
+        ["--dim", "32", "--heads", "2", "--vocab", "64", "--seq", "16", "--batch", "2", "--repeats", "1"]
+    )
+    assert len(rows) == len(bench_inference.SHARES)
+    assert rows[0]["honest_cost"] == pytest.approx(1.0)
+    assert rows[-1]["exit_share"] == pytest.approx(0.9, abs=0.05)
+
+
+def test_bench_train_hard():
+    rows = bench_train_hard.main(
+        ["--dim", "32", "--heads", "2", "--vocab", "64", "--seq", "16", "--batch", "2", "--repeats", "1"]
+    )
+    assert [row["hard_ratio"] for row in rows] == list(bench_train_hard.RATIOS)
+    assert rows[0]["ideal"] == pytest.approx(1.0)
+
+
+def test_bench_dense_peer():
+    result = bench_dense_peer.main(
+        ["--dim", "32", "--heads", "2", "--layers", "1", "--seq", "16", "--batch", "2", "--repeats", "1"]
+    )
+    assert result["ratio"] > 0
+
+
+def test_bench_data(monkeypatch):
+    from experiments import bench_data
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert bench_data.main(["--repeats", "1"]) > 1.0  # warm (cached) is faster than cold
