@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lego.atomic import atomic_write
-from lego.training_data import TrainingData
+from lego.training_data import HiddenStateWriter, TrainingData
 
 if TYPE_CHECKING:
     from lego.model import BlockOutput, LEGOBlock
@@ -52,6 +52,7 @@ class FitConfig:
     max_steps: int | None = None
     seed: int = 0
     checkpoint_path: str | None = None  # resume an interrupted stage from its last evaluation
+    hard_data_path: str | None = None  # write the hard tokens' TrainingData here, streamed (memory-mapped)
 
     def __post_init__(self) -> None:
         if self.hard_ratio is not None and not 0.0 < self.hard_ratio < 1.0:
@@ -145,14 +146,25 @@ def evaluate(block: LEGOBlock, data: TrainingData, embedding: nn.Embedding | Non
 
 @torch.no_grad()
 def propagate(
-    block: LEGOBlock, data: TrainingData, embedding: nn.Embedding | None, batch_size: int
+    block: LEGOBlock,
+    data: TrainingData,
+    embedding: nn.Embedding | None,
+    batch_size: int,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Run the block over every sequence: (hidden after the block, confidence, should_exit), all
-    (sequences, seq[, dim]). Sequences with no active token are not run; their hidden state is kept."""
+    (sequences, seq[, dim]). Sequences with no active token are not run; their hidden state is kept.
+    `out` (e.g. a memory-mapped file) receives the hidden states instead of a new tensor."""
     was_training = block.training
     block.eval()
     device = next(block.parameters()).device
-    hidden = data.hidden_states.clone() if data.hidden_states is not None else None
+    if out is not None:
+        hidden = out
+        if data.hidden_states is not None:
+            idle = ~data.active.any(dim=1)
+            hidden[idle] = data.hidden_states[idle]
+    else:
+        hidden = data.hidden_states.clone() if data.hidden_states is not None else None
     confidence = torch.zeros(data.targets.shape)
     should_exit = torch.zeros(data.targets.shape, dtype=torch.bool)
     rows = torch.arange(data.num_sequences)
@@ -310,9 +322,15 @@ def fit_block(
             "val_exit_rate": float((val_conf >= block.threshold).float().mean()) if val_conf.numel() else 0.0,
             "target_exit_rate": 1.0 - config.hard_ratio,
         }
-        hidden, confidence, _ = propagate(block, train, embedding, config.eval_batch_size)
-        hard = select_hard(confidence, train.active, config.hard_ratio)
-        hard_data = TrainingData(hidden, train.targets, hard)
+        if config.hard_data_path is None:
+            hidden, confidence, _ = propagate(block, train, embedding, config.eval_batch_size)
+            hard_data = TrainingData(hidden, train.targets, select_hard(confidence, train.active, config.hard_ratio))
+        else:  # streamed: the next stage's inputs go straight to disk and come back memory-mapped
+            dtype = next(block.parameters()).dtype
+            with HiddenStateWriter(config.hard_data_path, train.num_sequences, train.seq_len, block.dim, dtype) as out:
+                _, confidence, _ = propagate(block, train, embedding, config.eval_batch_size, out=out.hidden)
+                out.finish(train.targets, select_hard(confidence, train.active, config.hard_ratio))
+            hard_data = TrainingData.load(config.hard_data_path, mmap=True)
         stats.hard_count = len(hard_data)
     stats.seconds = time.perf_counter() - started
     return hard_data, stats

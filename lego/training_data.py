@@ -8,10 +8,13 @@ safetensors plus a small JSON header so a stage's dump can be inspected and relo
 from __future__ import annotations
 
 import json
+import os
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -133,17 +136,24 @@ class TrainingData:
         atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata={"lego": json.dumps(meta)}))
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> TrainingData:
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", mmap: bool = False) -> TrainingData:
         """Load and validate a file written by `save`; a truncated, foreign or inconsistent file is a
-        `DataError` naming the file."""
+        `DataError` naming the file.
+
+        `mmap=True` maps the tensors from the file instead of reading them (CPU only): batches are paged
+        in as training touches them and the OS may drop them again, so a stage whose dump is larger than
+        memory streams it from disk with bounded resident memory."""
         path = Path(path)
         if not path.is_file():
             raise DataError(f"TrainingData file not found: {path}")
         try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
-                meta = json.loads((f.metadata() or {}).get("lego", "{}"))
-                tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-        except (SafetensorError, OSError, json.JSONDecodeError, RuntimeError) as err:
+            if mmap:
+                meta, tensors = _map_safetensors(path)
+            else:
+                with safe_open(str(path), framework="pt", device=str(device)) as f:
+                    meta = json.loads((f.metadata() or {}).get("lego", "{}"))
+                    tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (no __iter__)
+        except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, struct.error) as err:
             raise DataError(
                 f"{path} is truncated or not a safetensors file ({err}); re-run the stage that wrote it"
             ) from err
@@ -164,3 +174,98 @@ class TrainingData:
         if expected != (data.num_sequences, data.seq_len, len(data)):
             raise DataError(f"{path}: header says (sequences, seq_len, active) = {expected}, tensors disagree")
         return data
+
+
+# -- streaming to and from disk ------------------------------------------------------------------
+_DTYPE_NAMES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.bool: "BOOL",
+}
+_NUMPY = {"F32": np.float32, "F16": np.float16, "BF16": np.int16, "I64": np.int64, "BOOL": np.bool_}
+_HEADER_BYTES = 4096  # fixed header room, so the header can be rewritten after the data
+
+
+def _map_safetensors(path: Path) -> tuple[dict, dict[str, Tensor]]:
+    """Parse a safetensors header and memory-map every tensor (copy-on-write: the file is never changed)."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > os.path.getsize(path) - 8:
+            raise ValueError("header longer than the file")
+        header = json.loads(f.read(length))
+    meta = json.loads(header.pop("__metadata__", {}).get("lego", "{}"))
+    start, size, tensors = 8 + length, os.path.getsize(path), {}
+    for name, spec in header.items():
+        begin, end = spec["data_offsets"]
+        if start + end > size:
+            raise ValueError(f"tensor {name} runs past the end of the file")
+        dtype = _NUMPY[spec["dtype"]]
+        count = int(np.prod(spec["shape"], dtype=np.int64))
+        array = np.memmap(path, dtype=dtype, mode="c", offset=start + begin, shape=(count,))
+        tensor = torch.from_numpy(array).view(*spec["shape"])
+        tensors[name] = tensor.view(torch.bfloat16) if spec["dtype"] == "BF16" else tensor
+    return meta, tensors
+
+
+class HiddenStateWriter:
+    """Writes a TrainingData file whose hidden states are filled in place, through a memory map, so the
+    next stage's inputs are never held in memory whole. Use as a context manager:
+
+        with HiddenStateWriter(path, sequences, seq_len, dim) as writer:
+            writer.hidden[rows] = ...            # fill, in any order
+            writer.finish(targets, active)        # writes the rest; the file appears atomically
+    """
+
+    def __init__(self, path: str | Path, sequences: int, seq_len: int, dim: int, dtype=torch.float32) -> None:
+        self.path = Path(path)
+        self.shape = (sequences, seq_len)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        hidden_bytes = sequences * seq_len * dim * torch.finfo(dtype).bits // 8
+        tokens = sequences * seq_len
+        self.layout = {  # name: (dtype, shape, begin, end); hidden first, 8-byte aligned
+            "hidden_states": (_DTYPE_NAMES[dtype], [sequences, seq_len, dim], 0, hidden_bytes),
+            "targets": ("I64", [sequences, seq_len], hidden_bytes, hidden_bytes + 8 * tokens),
+            "active": ("BOOL", [sequences, seq_len], hidden_bytes + 8 * tokens, hidden_bytes + 9 * tokens),
+        }
+        with open(self.tmp, "wb") as f:
+            f.truncate(8 + _HEADER_BYTES + hidden_bytes + 9 * tokens)
+        np_dtype = _NUMPY[_DTYPE_NAMES[dtype]]
+        array = np.memmap(
+            self.tmp, dtype=np_dtype, mode="r+", offset=8 + _HEADER_BYTES, shape=(sequences * seq_len * dim,)
+        )
+        self._array = array
+        hidden = torch.from_numpy(array).view(sequences, seq_len, dim)
+        self.hidden = hidden.view(torch.bfloat16) if dtype == torch.bfloat16 else hidden
+
+    def finish(self, targets: Tensor, active: Tensor) -> None:
+        if targets.shape != self.shape or active.shape != self.shape:
+            raise ValueError(f"targets/active must be {self.shape}")
+        self._array.flush()
+        meta = {
+            "format": FORMAT, "sequences": self.shape[0], "seq_len": self.shape[1],
+            "active_tokens": int(active.sum()), "dim": self.layout["hidden_states"][1][2],
+        }  # fmt: skip
+        header = {
+            name: {"dtype": d, "shape": shape, "data_offsets": [b, e]} for name, (d, shape, b, e) in self.layout.items()
+        }
+        header["__metadata__"] = {"lego": json.dumps(meta)}
+        blob = json.dumps(header).encode()
+        if len(blob) > _HEADER_BYTES:
+            raise ValueError("TrainingData header does not fit its reserved room")
+        with open(self.tmp, "r+b") as f:
+            f.write(struct.pack("<Q", _HEADER_BYTES) + blob.ljust(_HEADER_BYTES, b" "))
+            for name, tensor in (("targets", targets), ("active", active)):
+                f.seek(8 + _HEADER_BYTES + self.layout[name][2])
+                f.write(tensor.cpu().contiguous().numpy().tobytes())
+        del self._array, self.hidden
+        os.replace(self.tmp, self.path)
+
+    def __enter__(self) -> HiddenStateWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.tmp.exists():  # not finished: leave nothing behind
+            self.tmp.unlink()

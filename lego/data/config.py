@@ -40,21 +40,23 @@ class DataConfig:
             raise ConfigError("data.name is not set: name a hub dataset, e.g. data.name=wikitext")
         if not self.text_column:
             raise ConfigError("data.text_column is empty: name the column holding the text")
-        for key, value in (("seq_len", self.seq_len), ("batch_size", self.batch_size),
-                           ("span_chars", self.span_chars)):
+        for key, value in (("seq_len", self.seq_len), ("batch_size", self.batch_size), ("span_chars", self.span_chars)):
             if value < 1:
                 raise ConfigError(f"data.{key}={value} must be a positive integer")
-        for key, value in (("max_train_tokens", self.max_train_tokens),
-                           ("max_eval_tokens", self.max_eval_tokens)):
+        for key, value in (("max_train_tokens", self.max_train_tokens), ("max_eval_tokens", self.max_eval_tokens)):
             if value is not None and value < self.seq_len + 1:
-                raise ConfigError(f"data.{key}={value} is less than one sequence (data.seq_len + 1 = "
-                                  f"{self.seq_len + 1} tokens); raise it or set it to null")
+                raise ConfigError(
+                    f"data.{key}={value} is less than one sequence (data.seq_len + 1 = "
+                    f"{self.seq_len + 1} tokens); raise it or set it to null"
+                )
         for key, value in (("val_fraction", self.val_fraction), ("test_fraction", self.test_fraction)):
             if not 0 < value < 1:
                 raise ConfigError(f"data.{key}={value} must be strictly between 0 and 1")
         if self.val_fraction + self.test_fraction >= 1:
-            raise ConfigError(f"data.val_fraction + data.test_fraction = {self.val_fraction + self.test_fraction}"
-                              " leaves nothing to train on; make their sum less than 1")
+            raise ConfigError(
+                f"data.val_fraction + data.test_fraction = {self.val_fraction + self.test_fraction}"
+                " leaves nothing to train on; make their sum less than 1"
+            )
 
 
 @dataclass
@@ -67,8 +69,10 @@ class TokenizerConfig:
         """Reject values that cannot work before any file is read."""
         _one_of("tokenizer.kind", self.kind, TOKENIZER_KINDS)
         if self.kind == "bpe" and self.vocab_size < 256:
-            raise ConfigError(f"tokenizer.vocab_size={self.vocab_size} is below 256, the byte alphabet "
-                              "a byte-level BPE starts from; raise it")
+            raise ConfigError(
+                f"tokenizer.vocab_size={self.vocab_size} is below 256, the byte alphabet "
+                "a byte-level BPE starts from; raise it"
+            )
         if self.kind == "file" and not self.path:
             raise ConfigError("tokenizer.path is not set: give the tokenizer.json to load")
 

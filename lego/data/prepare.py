@@ -48,8 +48,9 @@ class PreparedData:
         log_probs = (counts / counts.sum()).log()
         return math.exp(-log_probs[self.test[:, 1:].flatten()].mean().item())
 
-    def batches(self, split: str, batch_size: int, *, shuffle: bool = False,
-                seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (inputs, targets), each (batch, seq_len); the last batch may be smaller."""
         windows: torch.Tensor = getattr(self, split)
         if shuffle:
@@ -57,12 +58,13 @@ class PreparedData:
         else:
             order = torch.arange(len(windows))
         for start in range(0, len(windows), batch_size):
-            batch = windows[order[start:start + batch_size]]
+            batch = windows[order[start : start + batch_size]]
             yield batch[:, :-1], batch[:, 1:]
 
 
-def prepare_data(data: DataConfig, tokenizer: TokenizerConfig, *, seed: int, cache_dir: str | Path,
-                 progress: bool = True) -> PreparedData:
+def prepare_data(
+    data: DataConfig, tokenizer: TokenizerConfig, *, seed: int, cache_dir: str | Path, progress: bool = True
+) -> PreparedData:
     """Load, split, tokenize and window the configured corpus, reusing cached work from earlier runs."""
     data.validate()
     tokenizer.validate()
@@ -71,8 +73,7 @@ def prepare_data(data: DataConfig, tokenizer: TokenizerConfig, *, seed: int, cac
 
     documents = load_documents(data, cache_dir, progress=progress)
     # `_fingerprint` is how `datasets` itself identifies a dataset's content in its cache.
-    split_key = cache_key("split", documents._fingerprint, seed, data.val_fraction, data.test_fraction,
-                          data.span_chars)
+    split_key = cache_key("split", documents._fingerprint, seed, data.val_fraction, data.test_fraction, data.span_chars)
 
     @functools.cache
     def split_texts() -> dict[str, list[str]]:
@@ -80,11 +81,14 @@ def prepare_data(data: DataConfig, tokenizer: TokenizerConfig, *, seed: int, cac
         try:
             spans = make_spans(documents["text"], data.span_chars)
         except UnicodeDecodeError as e:  # json and parquet readers let invalid UTF-8 through to here
-            raise DataError(f"the corpus contains text that is not valid UTF-8 ({e.reason} at byte {e.start} of a "
-                            "row); convert or remove the offending file in data.files") from e
+            raise DataError(
+                f"the corpus contains text that is not valid UTF-8 ({e.reason} at byte {e.start} of a "
+                "row); convert or remove the offending file in data.files"
+            ) from e
         if not spans:
-            raise DataError("the corpus contains no text (every document is empty); "
-                            "check data.files and data.text_column")
+            raise DataError(
+                "the corpus contains no text (every document is empty); check data.files and data.text_column"
+            )
         index = assign_spans(len(spans), data.val_fraction, data.test_fraction, seed)
         return {split: [spans[i] for i in index[split]] for split in SPLITS}
 
@@ -100,9 +104,11 @@ def prepare_data(data: DataConfig, tokenizer: TokenizerConfig, *, seed: int, cac
     else:
         texts = split_texts()
         tokens = {split: _encode(tok, texts[split], split, progress) for split in SPLITS}
-        meta = {"documents": sum(1 for doc in documents["text"] if doc and doc.strip()),
-                "spans": {split: len(texts[split]) for split in SPLITS},
-                "chars": {split: sum(map(len, texts[split])) for split in SPLITS}}
+        meta = {
+            "documents": sum(1 for doc in documents["text"] if doc and doc.strip()),
+            "spans": {split: len(texts[split]) for split in SPLITS},
+            "chars": {split: sum(map(len, texts[split])) for split in SPLITS},
+        }
         _save_tokens(tokens_path, tokens, meta)
     tokenize_seconds = time.perf_counter() - t0
 
@@ -125,8 +131,14 @@ def prepare_data(data: DataConfig, tokenizer: TokenizerConfig, *, seed: int, cac
         "seconds": time.perf_counter() - started,
         "fingerprint": tokens_path.stem,
     }
-    return PreparedData(train=windows["train"], val=windows["val"], test=windows["test"],
-                        vocab_size=tok.vocab_size, tokenizer=tok, summary=summary)
+    return PreparedData(
+        train=windows["train"],
+        val=windows["val"],
+        test=windows["test"],
+        vocab_size=tok.vocab_size,
+        tokenizer=tok,
+        summary=summary,
+    )
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -134,19 +146,25 @@ def format_summary(summary: dict[str, Any]) -> str:
     tokens, windows, spans = summary["tokens"], summary["windows"], summary["spans"]
     trained = "cached" if summary["tokenizer_cached"] else f"built in {summary['tokenizer_seconds']:.1f}s"
     tokenized = "cached" if summary["tokens_cached"] else "fresh"
-    return "\n".join([
-        f"data: {summary['source']}, {summary['documents']} documents, {sum(spans.values())} spans "
-        f"(train {spans['train']} / val {spans['val']} / test {spans['test']})",
-        f"tokens: train {tokens['train']:,} / val {tokens['val']:,} / test {tokens['test']:,} in windows of "
-        f"{summary['seq_len'] + 1} ({windows['train']:,} / {windows['val']:,} / {windows['test']:,})",
-        f"tokenizer: {summary['tokenizer']}, vocab {summary['vocab_size']:,} ({trained}); tokenization "
-        f"{summary['tokenize_seconds']:.2f}s ({tokenized}); fingerprint {summary['fingerprint']}",
-    ])
+    return "\n".join(
+        [
+            f"data: {summary['source']}, {summary['documents']} documents, {sum(spans.values())} spans "
+            f"(train {spans['train']} / val {spans['val']} / test {spans['test']})",
+            f"tokens: train {tokens['train']:,} / val {tokens['val']:,} / test {tokens['test']:,} in windows of "
+            f"{summary['seq_len'] + 1} ({windows['train']:,} / {windows['val']:,} / {windows['test']:,})",
+            f"tokenizer: {summary['tokenizer']}, vocab {summary['vocab_size']:,} ({trained}); tokenization "
+            f"{summary['tokenize_seconds']:.2f}s ({tokenized}); fingerprint {summary['fingerprint']}",
+        ]
+    )
 
 
-def _get_tokenizer(cfg: TokenizerConfig, split_key: str, split_texts: Callable[[], dict[str, list[str]]],
-                   cache_dir: Path,
-                   progress: bool) -> tuple[Tokenizer, bool]:
+def _get_tokenizer(
+    cfg: TokenizerConfig,
+    split_key: str,
+    split_texts: Callable[[], dict[str, list[str]]],
+    cache_dir: Path,
+    progress: bool,
+) -> tuple[Tokenizer, bool]:
     """The configured tokenizer, and whether it came from the cache (only `bpe` is trained and cached)."""
     if cfg.kind == "bytes":
         return byte_tokenizer(), False
@@ -164,10 +182,16 @@ def _encode(tok: Tokenizer, spans: list[str], split: str, progress: bool) -> np.
     """Encode spans in order into one flat id array (uint16 when the vocab fits, to halve the cache)."""
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.int32
     chunks = []
-    with tqdm(total=sum(map(len, spans)), desc=f"tokenizing {split}", unit="char", unit_scale=True,
-              delay=1.0, disable=not progress) as bar:
+    with tqdm(
+        total=sum(map(len, spans)),
+        desc=f"tokenizing {split}",
+        unit="char",
+        unit_scale=True,
+        delay=1.0,
+        disable=not progress,
+    ) as bar:
         for start in range(0, len(spans), _ENCODE_BATCH):
-            batch = spans[start:start + _ENCODE_BATCH]
+            batch = spans[start : start + _ENCODE_BATCH]
             chunks.extend(np.asarray(ids, dtype=dtype) for ids in tok.encode_batch(batch))
             bar.update(sum(map(len, batch)))
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
@@ -194,6 +218,8 @@ def _windows(tokens: np.ndarray, seq_len: int, cap: int | None, split: str) -> t
         fix = "lower data.seq_len or use a larger corpus"
         if split != "train":
             fix += f" or raise data.{split}_fraction"
-        raise DataError(f"the {split} split has {len(tokens)} tokens, fewer than one sequence of "
-                        f"data.seq_len + 1 = {seq_len + 1}; {fix}")
-    return torch.from_numpy(tokens[:n * (seq_len + 1)].astype(np.int64)).view(n, seq_len + 1)
+        raise DataError(
+            f"the {split} split has {len(tokens)} tokens, fewer than one sequence of "
+            f"data.seq_len + 1 = {seq_len + 1}; {fix}"
+        )
+    return torch.from_numpy(tokens[: n * (seq_len + 1)].astype(np.int64)).view(n, seq_len + 1)

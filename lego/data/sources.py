@@ -23,8 +23,14 @@ from lego.errors import DataError
 AUSTEN_ARCHIVE = Path(__file__).parent / "corpora" / "austen.tar.xz"
 
 # File extension -> `datasets` builder, for data.format=auto.
-_FORMAT_BY_EXTENSION = {".txt": "text", ".text": "text", ".md": "text",
-                        ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_FORMAT_BY_EXTENSION = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+}
 
 
 def load_documents(data: DataConfig, cache_dir: Path, *, progress: bool = True) -> datasets.Dataset:
@@ -80,8 +86,9 @@ def _detect_format(files: list[str]) -> str:
     for file in files:
         fmt = _FORMAT_BY_EXTENSION.get(Path(file).suffix.lower())
         if fmt is None:
-            raise DataError(f"cannot tell the format of {file!r} from its extension; "
-                            "set data.format=text, json or parquet")
+            raise DataError(
+                f"cannot tell the format of {file!r} from its extension; set data.format=text, json or parquet"
+            )
         formats.add(fmt)
     if len(formats) > 1:
         raise DataError(f"data.files mixes formats ({', '.join(sorted(formats))}); load one format at a time")
@@ -97,17 +104,21 @@ def _load_files(builder: str, files: list[str], hf_cache: str) -> datasets.Datas
         if any(isinstance(c, UnicodeDecodeError) for c in _causes(e)):
             bad = next((f for f in files if not _is_utf8(f)), files[0])
             raise DataError(f"{bad!r} is not valid UTF-8 text; convert it or remove it from data.files") from e
-        raise DataError(f"could not read data.files as {builder}: {_reason(list(_causes(e))[-1])}; "
-                        "check the files or set data.format") from e
+        raise DataError(
+            f"could not read data.files as {builder}: {_reason(list(_causes(e))[-1])}; "
+            "check the files or set data.format"
+        ) from e
 
 
 def _load_hub(data: DataConfig, hf_cache: str) -> datasets.Dataset:
     try:
         return datasets.load_dataset(data.name, data.config_name, split=data.split, cache_dir=hf_cache)
     except Exception as e:  # offline, unknown name, bad config or split: all mean "cannot use it"
-        raise DataError(f"could not load hub dataset {data.name!r} (config {data.config_name!r}, split "
-                        f"{data.split!r}): {_reason(e)}; check data.name/data.config_name/data.split and "
-                        "the network, or use a local corpus (data=austen or data=text_files)") from e
+        raise DataError(
+            f"could not load hub dataset {data.name!r} (config {data.config_name!r}, split "
+            f"{data.split!r}): {_reason(e)}; check data.name/data.config_name/data.split and "
+            "the network, or use a local corpus (data=austen or data=text_files)"
+        ) from e
 
 
 def _text_column(ds: datasets.Dataset, column: str, key: str) -> datasets.Dataset:
@@ -115,12 +126,16 @@ def _text_column(ds: datasets.Dataset, column: str, key: str) -> datasets.Datase
     if len(ds) == 0:
         raise DataError(f"the corpus is empty (0 rows); check {key}")
     if column not in ds.column_names:
-        raise DataError(f"data.text_column={column!r} is not a column of the corpus (columns: "
-                        f"{', '.join(ds.column_names)}); set data.text_column")
+        raise DataError(
+            f"data.text_column={column!r} is not a column of the corpus (columns: "
+            f"{', '.join(ds.column_names)}); set data.text_column"
+        )
     dtype = getattr(ds.features[column], "dtype", None)
     if dtype not in ("string", "large_string"):
-        raise DataError(f"data.text_column={column!r} holds {ds.features[column]}, not text; "
-                        "set data.text_column to a string column")
+        raise DataError(
+            f"data.text_column={column!r} holds {ds.features[column]}, not text; "
+            "set data.text_column to a string column"
+        )
     ds = ds.select_columns([column])
     return ds if column == "text" else ds.rename_column(column, "text")
 

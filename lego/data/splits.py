@@ -62,8 +62,10 @@ def assign_spans(n_spans: int, val_fraction: float, test_fraction: float, seed: 
     n_val = max(1, round(n_spans * val_fraction))
     n_test = max(1, round(n_spans * test_fraction))
     if n_val + n_test >= n_spans:
-        raise DataError(f"the corpus has only {n_spans} span(s) of text, too few for train, validation and "
-                        "test splits; lower data.span_chars or use a larger corpus")
+        raise DataError(
+            f"the corpus has only {n_spans} span(s) of text, too few for train, validation and "
+            "test splits; lower data.span_chars or use a larger corpus"
+        )
     order = np.random.default_rng(seed).permutation(n_spans).tolist()
-    held_out = {"val": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
+    held_out = {"val": order[:n_val], "test": order[n_val : n_val + n_test], "train": order[n_val + n_test :]}
     return {split: sorted(held_out[split]) for split in SPLITS}

@@ -55,8 +55,9 @@ class Tokenizer:
             return cls(HFTokenizer.from_file(str(path)), kind)
         except Exception as e:  # tokenizers raises a bare Exception for malformed files
             first_line = (str(e).splitlines() or [""])[0][:200]
-            raise DataError(f"{str(path)!r} is not a tokenizers tokenizer.json ({first_line}); "
-                            "check tokenizer.path") from e
+            raise DataError(
+                f"{str(path)!r} is not a tokenizers tokenizer.json ({first_line}); check tokenizer.path"
+            ) from e
 
 
 def byte_tokenizer() -> Tokenizer:
@@ -73,8 +74,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, progress: bool = True) -
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=[], show_progress=progress)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+        show_progress=progress,
+    )
     hf.train_from_iterator((t for t in texts if t), trainer=trainer)
     return Tokenizer(hf, "bpe")
 

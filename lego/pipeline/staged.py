@@ -47,11 +47,12 @@ def train_staged(
             load_weights(model, stage_dir / "model.safetensors")
             stats = read_json(stage_dir / "stats.json")
             print(f"stage {k}: complete in {stage_dir}, loaded (delete the folder to retrain it)")
-            hard = None if last else TrainingData.load(hard_path)
+            hard = None if last else TrainingData.load(hard_path, mmap=True)
             results.append(StageResult(stats, resumed=True))
         else:
             active_share = len(train) / train.targets.numel()
             config = fit_config(run, k, None if last else ratios[k], str(stage_dir / "checkpoint.pt"), active_share)
+            config.hard_data_path = None if last else str(hard_path)  # streamed to disk, memory-mapped back
             progress = StageProgress(
                 k,
                 _total_steps(train, config.batch_size, config.epochs, config.max_steps),
@@ -70,8 +71,6 @@ def train_staged(
                 **fit_stats.as_dict(),
             }
             save_weights(model, stage_dir / "model.safetensors")
-            if hard is not None:
-                hard.save(hard_path)
             write_json(stage_dir / "stats.json", stats)
             (stage_dir / "checkpoint.pt").unlink(missing_ok=True)
             tracker.log_stage_end(k, stats)

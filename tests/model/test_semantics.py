@@ -307,3 +307,15 @@ def test_honest_cost_matches_counted_flops(share):
     _, stats = model(x, return_stats=True)
     assert stats.honest_cost == pytest.approx(flops(lambda: model(x)) / dense, abs=0.03)
     assert stats.honest_cost > stats.compute_cost  # the original metric leaves out the K/V work
+
+
+def test_streamed_hard_tokens_equal_in_memory_ones(tmp_path):
+    results = []
+    for path in (None, str(tmp_path / "hard.safetensors")):
+        model = make_model()
+        config = FitConfig(**FAST, hard_data_path=path)
+        hard, _ = model.blocks[0].fit(small_dataset(), small_dataset(8, seed=1), config, embedding=model.embedding)
+        results.append(hard)
+    in_memory, streamed = results
+    assert torch.equal(in_memory.hidden_states, streamed.hidden_states)
+    assert torch.equal(in_memory.active, streamed.active)

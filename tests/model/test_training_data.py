@@ -6,6 +6,7 @@ from safetensors.torch import save_file
 
 from lego import TrainingData
 from lego.errors import DataError
+from lego.training_data import HiddenStateWriter
 
 
 def hidden_data(sequences=6, seq=5, dim=4, seed=0) -> TrainingData:
@@ -87,3 +88,37 @@ def test_foreign_or_inconsistent_files_are_rejected(tmp_path):
     )
     with pytest.raises(DataError, match="mismatched"):
         TrainingData.load(bad)
+
+
+def test_mmap_load_equals_load_and_leaves_file_untouched(tmp_path):
+    data = hidden_data()
+    path = tmp_path / "d.safetensors"
+    data.save(path)
+    before = path.read_bytes()
+    mapped = TrainingData.load(path, mmap=True)
+    assert torch.equal(mapped.hidden_states, data.hidden_states) and torch.equal(mapped.active, data.active)
+    mapped.hidden_states[0] += 1.0  # copy-on-write: the file keeps its bytes
+    assert path.read_bytes() == before
+    path.write_bytes(before[:-40])
+    with pytest.raises(DataError, match="truncated"):
+        TrainingData.load(path, mmap=True)
+
+
+def test_hidden_state_writer_streams_a_loadable_file(tmp_path):
+    data = hidden_data(sequences=5)
+    path = tmp_path / "streamed.safetensors"
+    with HiddenStateWriter(path, 5, 5, 4) as writer:
+        for row in reversed(range(5)):  # any order
+            writer.hidden[row] = data.hidden_states[row]
+        writer.finish(data.targets, data.active)
+    for mmap in (False, True):
+        loaded = TrainingData.load(path, mmap=mmap)
+        assert torch.equal(loaded.hidden_states, data.hidden_states)
+        assert torch.equal(loaded.targets, data.targets) and torch.equal(loaded.active, data.active)
+
+
+def test_unfinished_writer_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError), HiddenStateWriter(tmp_path / "x.safetensors", 2, 3, 4) as writer:
+        writer.hidden[0] = 1.0
+        raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
