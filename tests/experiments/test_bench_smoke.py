@@ -44,3 +44,12 @@ def test_bench_data(monkeypatch):
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     assert bench_data.main(["--repeats", "1"]) > 1.0  # warm (cached) is faster than cold
+
+
+def test_bench_memory():
+    from experiments import bench_memory
+
+    rows = bench_memory.main(["--sequences", "20", "40", "--seq", "8", "--dim", "16", "--vocab", "32"])
+    assert [row["tokens"] for row in rows] == [160, 320]
+    assert rows[0]["bytes_per_token"] > 4 * 16 + 9  # the state, target and mask, plus the header
+    assert all(row[mode]["owned_mb"] > 0 for row in rows for mode in ("in_memory", "streamed"))
