@@ -4,6 +4,7 @@ scan that turns one trained model into a PPL-vs-compute curve."""
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ def evaluate_routed(model: LEGOTransformer, windows: Tensor, batch_size: int, de
     conf_sum = [0.0] * n_blocks
     histograms = [torch.zeros(HIST_BINS, dtype=torch.long) for _ in range(n_blocks)]
     seq_len = windows.shape[1] - 1
+    started = time.perf_counter()
     for batch in windows.split(batch_size):
         x, y = batch[:, :-1].to(device), batch[:, 1:].to(device)
         logits, stats = model(x, return_stats=True)
@@ -43,6 +45,7 @@ def evaluate_routed(model: LEGOTransformer, windows: Tensor, batch_size: int, de
             conf = stats.confidences[k].float().cpu()
             conf_sum[k] += float(conf.sum())
             histograms[k] += torch.histc(conf, bins=HIST_BINS, min=0.0, max=1.0).long()
+    seconds = time.perf_counter() - started  # forward passes plus scoring: what a user waits for
     total = sum(exit_counts)
     loss = sum(ce_sum) / max(total, 1)
     blocks = []
@@ -72,6 +75,7 @@ def evaluate_routed(model: LEGOTransformer, windows: Tensor, batch_size: int, de
         "compute_cost": model.compute_cost(exit_counts),
         "honest_cost": model.honest_cost(active_counts, seq_len),
         "blocks": blocks,
+        "seconds": seconds,
         "confidence_histograms": [{"edges": edges, "counts": h.tolist()} for h in histograms],
     }
 
@@ -119,6 +123,7 @@ def threshold_scan(
                 "shallow_ratio": result["shallow_ratio"],
                 "compute_cost": result["compute_cost"],
                 "honest_cost": result["honest_cost"],
+                "seconds": result["seconds"],
             })  # fmt: skip
     finally:
         for block, threshold in zip(model.blocks, saved, strict=True):

@@ -128,6 +128,9 @@ def final_results(
         "train_flops": train_flops,
         "train_flops_vs_dense": train_flops / dense_reference if dense_reference else None,
         "threshold_scan": scan,
+        "test_seconds": test["seconds"],
+        # measured speed-up of the test pass over the same model at full depth (no early exit)
+        "inference_speedup": full_depth["seconds"] / test["seconds"] if test["seconds"] else None,
         "confidence_histograms": test["confidence_histograms"],
         "test_tokens": test["tokens"],
     }
