@@ -53,3 +53,17 @@ def test_bench_memory():
     assert [row["tokens"] for row in rows] == [160, 320]
     assert rows[0]["bytes_per_token"] > 4 * 16 + 9  # the state, target and mask, plus the header
     assert all(row[mode]["owned_mb"] > 0 for row in rows for mode in ("in_memory", "streamed"))
+
+
+def test_compare_methods_quick(tmp_path, monkeypatch):
+    from experiments import compare_methods
+
+    monkeypatch.setenv("LEGO_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    report = tmp_path / "results.md"
+    text = compare_methods.main(
+        ["--quick", "--out", str(tmp_path / "runs"), "--report", str(report), "--only", "dense", "lego r=0.5"]
+    )
+    assert "| dense |" in text and "| lego r=0.5 |" in text and "lego r=0.5**" in text
+    assert report.read_text() == text
+    assert (tmp_path / "results_ppl_vs_compute.png").stat().st_size > 1000

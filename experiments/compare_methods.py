@@ -1,0 +1,158 @@
+"""LEGO vs dense and Universal baselines, same width, depth, corpus and token budget: one command.
+
+Runs `train.py` once per method (sequentially, each in its own run directory; finished runs are
+skipped, so an interrupted comparison resumes), then writes a markdown report and a PPL-vs-compute
+plot with one curve per method (each trained model's threshold scan):
+
+    python experiments/compare_methods.py                       # outputs/compare/, docs/results.md
+    python experiments/compare_methods.py --report-only outputs/compare
+    python experiments/compare_methods.py --quick --out /tmp/c --report /tmp/c/results.md   # smoke size
+
+The goal LEGO is chasing: test PPL within 5 % of the dense baseline at <= 0.75 of its inference compute
+and <= 0.8 of its training compute. The report says, per LEGO run, whether it gets there and by how much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from lego.pipeline.plots import plot_ppl_vs_compute
+
+REPO = Path(__file__).resolve().parents[1]
+DENSE = "dense"
+# name -> train.py overrides; the experiment files hold the shared settings (conf/experiment/compare_*.yaml)
+METHODS: dict[str, list[str]] = {
+    DENSE: ["+experiment=compare_dense"],
+    "lego r=0.3": ["+experiment=compare_lego", "hard_ratio.value=0.3"],
+    "lego r=0.5": ["+experiment=compare_lego", "hard_ratio.value=0.5"],
+    "lego r=0.7": ["+experiment=compare_lego", "hard_ratio.value=0.7"],
+    "lego 3 blocks r=0.5": ["+experiment=compare_lego3", "hard_ratio.value=0.5"],
+    "universal lpt": ["+experiment=compare_lpt"],
+    "universal asymmetric": ["+experiment=compare_asymmetric"],
+    "universal lr decreasing": ["+experiment=compare_lr_decreasing"],
+}
+QUICK = ["model.dim=32", "model.num_heads=2", "tokenizer=bytes", "data.seq_len=32", "data.max_train_tokens=8000",
+         "data.max_eval_tokens=2000", "trainer.threshold_scan=[0.0,0.5]", "wandb=disabled"]  # fmt: skip
+GOAL = {"ppl_gap": 0.05, "inference": 0.75, "training": 0.8}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "compare", help="one run dir per method")
+    parser.add_argument("--report", type=Path, default=REPO / "docs" / "results.md")
+    parser.add_argument("--report-only", type=Path, metavar="DIR", help="only write the report from DIR's runs")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    parser.add_argument("--only", nargs="+", choices=list(METHODS), help="run a subset of the methods")
+    return parser.parse_args(argv)
+
+
+def run_dir_name(name: str) -> str:
+    return name.replace(" ", "_").replace("=", "")
+
+
+def run_all(out: Path, quick: bool, only: list[str] | None) -> None:
+    for name, overrides in METHODS.items():
+        run_dir = out / run_dir_name(name)
+        if only and name not in only or (run_dir / "results.json").is_file():
+            continue
+        command = [sys.executable, str(REPO / "train.py"), *overrides, f"hydra.run.dir={run_dir}",
+                   "trainer.progress=false", *(QUICK if quick else [])]  # fmt: skip
+        print(f"== {name}: {' '.join(command[2:])}", flush=True)
+        subprocess.run(command, cwd=REPO, check=True)
+
+
+def load_runs(out: Path) -> dict[str, dict]:
+    runs = {}
+    for name in METHODS:
+        path = out / run_dir_name(name) / "results.json"
+        if path.is_file():
+            runs[name] = json.loads(path.read_text())
+    if DENSE not in runs:
+        raise SystemExit(f"error: no finished dense baseline in {out}; run the comparison first")
+    return runs
+
+
+def best_under(scan: list[dict], budget: float) -> dict | None:
+    """The lowest-PPL point (threshold scan or calibrated) whose honest cost fits the budget."""
+    fitting = [row for row in scan if row["honest_cost"] is not None and row["honest_cost"] <= budget]
+    return min(fitting, key=lambda row: row["test_ppl"]) if fitting else None
+
+
+def report(runs: dict[str, dict], out: Path, report_path: Path, command: str) -> str:
+    dense = runs[DENSE]
+    dense_flops = dense["train_flops"]
+    lines = [
+        "# Results: LEGO vs dense and Universal baselines",
+        "",
+        f"Made by `{command}` (runs in `{out}`; `--report-only {out}` rewrites this file from them).",
+        f"Corpus: {dense['data']['source']}, {dense['data']['tokens']['train']:,} training tokens, "
+        f"{dense['test_tokens']:,} test tokens, vocab {dense['data']['vocab_size']:,}; "
+        f"every model {dense['parameters'] / 1e6:.2f}M parameters, 4 layers.",
+        "",
+        "PPL is test perplexity with each method's calibrated early exit; *full depth* is the same model with "
+        "no early exit. *compute* is the original metric (layers used), *honest* counts every FLOP of "
+        "inference (K/V of kept tokens, attention, head) over the dense forward. *speed-up* is measured wall "
+        "time of the test pass at full depth over the test pass with early exit, same model. Training compute "
+        "is counted FLOPs (3x forward, K/V of context tokens included) over the dense baseline's; wall time "
+        "is the sum of the stages on a shared 2-core CPU (noisy).",
+        "",
+        "| method | test PPL | full depth PPL | acc | val PPL | shallow | compute | honest | speed-up "
+        "| train FLOPs vs dense | train s | PPL vs dense |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in runs.items():
+        train_s = sum(s or 0.0 for s in r["stage_seconds"])
+        speedup = r.get("inference_speedup")
+        lines.append(
+            f"| {name} | {r['test_ppl']:.2f} | {r['test_ppl_full_depth']:.2f} | {r['test_acc']:.3f} | "
+            f"{r['val_ppl']:.2f} | {r['shallow_ratio']:.1%} | {r['compute_cost']:.3f} | {r['honest_cost']:.3f} | "
+            f"{f'{speedup:.2f}x' if speedup else '-'} | {r['train_flops'] / dense_flops:.2f} | {train_s:.0f} | "
+            f"{r['test_ppl'] / dense['test_ppl'] - 1:+.1%} |"
+        )
+    lines += ["", "## The goal: within 5 % of dense PPL at <= 0.75 inference and <= 0.8 training compute", ""]
+    reference = dense["test_ppl_full_depth"]
+    lines.append(f"Dense baseline at full depth: test PPL {reference:.2f}.")
+    lines.append("")
+    for name, r in runs.items():
+        if not name.startswith("lego"):
+            continue
+        calibrated = {"test_ppl": r["test_ppl"], "honest_cost": r["honest_cost"]}
+        point = best_under([*r["threshold_scan"], calibrated], GOAL["inference"])
+        training = r["train_flops"] / dense_flops
+        if point is None:
+            lines.append(f"- **{name}**: no threshold-scan point at honest cost <= {GOAL['inference']}.")
+            continue
+        gap = point["test_ppl"] / reference - 1
+        verdict = "meets" if gap <= GOAL["ppl_gap"] and training <= GOAL["training"] else "misses"
+        lines.append(
+            f"- **{name}** {verdict} the goal: best PPL at honest cost <= {GOAL['inference']} is "
+            f"{point['test_ppl']:.2f} ({gap:+.1%} vs dense; honest cost {point['honest_cost']:.3f}), "
+            f"training compute {training:.2f} x dense."
+        )
+    lines += ["", f"![PPL vs compute]({report_path.stem}_ppl_vs_compute.png)", ""]
+    curves = {name: r["threshold_scan"] for name, r in runs.items()}
+    points = {f"{name} (calibrated)": r for name, r in runs.items() if name.startswith("lego")}
+    plot_ppl_vs_compute(curves, report_path.with_name(f"{report_path.stem}_ppl_vs_compute.png"), points=points)
+    text = "\n".join(lines)
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
+    out = args.report_only or args.out
+    if not args.report_only:
+        run_all(out, args.quick, args.only)
+    command = "python experiments/compare_methods.py" + (" --quick" if args.quick else "")
+    text = report(load_runs(out), out, args.report, command)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
