@@ -29,7 +29,8 @@ def format_results(results: dict, run_dir: Path | None = None) -> str:
         f"{results['test_ppl_full_depth']:.2f} at full depth; unigram baseline {results['unigram_ppl']:.1f}",
         f"val PPL {results['val_ppl']:.2f} (acc {results['val_acc']:.3f})",
         f"shallow ratio {results['shallow_ratio']:.1%}; compute cost {results['compute_cost']:.3f} "
-        f"(honest, with K/V of kept tokens: {results['honest_cost']:.3f})",
+        f"(honest, with K/V of kept tokens and the head: {results['honest_cost']:.3f}); measured speed-up over "
+        f"full depth {_fmt(results.get('inference_speedup'), '.2f')}x",
         f"training compute {results['train_flops'] / 1e12:.2f} TFLOP "
         f"({_fmt(results['train_flops_vs_dense'], '.2f')} x a dense pass over Block 0's tokens); "
         f"wall time {results['wall_seconds']:.0f}s",
