@@ -11,11 +11,10 @@ interleaved (round robin, median of repeats), so machine noise hits every point 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from experiments.bench_common import median_seconds, random_mask, size_parser
 from lego import LEGOBlock
 
 SHARES = (1.0, 0.75, 0.5, 0.25, 0.1, 0.0)
@@ -23,23 +22,9 @@ ALL_MASK = "100% (mask)"  # an all-True mask must cost what active=None costs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser = size_parser(__doc__, layers=2, repeats=15)
     parser.add_argument("--train", action="store_true", help="time forward+backward instead of forward")
     return parser.parse_args(argv)
-
-
-def random_mask(share: float, batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
-    """Exactly round(share * tokens) active tokens, scattered at random (as hard tokens are)."""
-    n = batch * seq
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[torch.randperm(n, generator=gen)[: round(share * n)]] = True
-    return mask.view(batch, seq)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -55,24 +40,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     points = [*SHARES, ALL_MASK]
     full, kv = block.layer_flops(args.seq)
 
-    def run(share: float | str) -> float:
+    def run(share: float | str) -> None:
         active = None if share == 1.0 else masks[share]
-        start = time.perf_counter()
         if args.train:
-            out = block.run(h, active, logits_for="none")
-            out.hidden.sum().backward()
+            block.run(h, active, logits_for="none").hidden.sum().backward()
         else:
             with torch.no_grad():
                 block.run(h, active, logits_for="none")
-        return time.perf_counter() - start
 
-    times: dict[float | str, list[float]] = {point: [] for point in points}
-    for point in points:  # warm-up
-        run(point)
-    for _ in range(args.repeats):
-        for point in points:
-            times[point].append(run(point))
-    dense = statistics.median(times[1.0])
+    seconds = median_seconds(points, run, args.repeats)
+    dense = seconds[1.0]
     rows = []
     mode = "forward+backward" if args.train else "forward"
     print(
@@ -81,13 +58,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     print(f"{'active':>7} {'ms':>8} {'ratio':>7} {'ideal':>7} {'ratio/ideal':>12}")
     for share in SHARES:
-        ms = statistics.median(times[share]) * 1e3
+        ms = seconds[share] * 1e3
         ratio = ms / (dense * 1e3)
         ideal = share + (1 - share) * kv / full if share > 0 else 0.0
         over = ratio / ideal if ideal else float("nan")
         rows.append({"active": share, "ms": ms, "ratio": ratio, "ideal": ideal, "over_ideal": over})
         print(f"{share:>7.0%} {ms:>8.2f} {ratio:>7.3f} {ideal:>7.3f} {over:>12.3f}")
-    mask_ratio = statistics.median(times[ALL_MASK]) / dense
+    mask_ratio = seconds[ALL_MASK] / dense
     rows.append({"active": ALL_MASK, "ratio": mask_ratio})
     print(f"{ALL_MASK}: {mask_ratio:.3f} x dense (active=None)")
     return rows

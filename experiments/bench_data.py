@@ -34,8 +34,10 @@ def main(argv: list[str] | None = None) -> float:
 
     speedup = cold / warm
     print(format_summary(summary))
-    print(f"cold {cold:.2f}s  warm {warm:.3f}s (median of {args.repeats})  speed-up {speedup:.0f}x "
-          f"({'meets' if speedup >= TARGET_SPEEDUP else 'MISSES'} the {TARGET_SPEEDUP:.0f}x target)")
+    print(
+        f"cold {cold:.2f}s  warm {warm:.3f}s (median of {args.repeats})  speed-up {speedup:.0f}x "
+        f"({'meets' if speedup >= TARGET_SPEEDUP else 'MISSES'} the {TARGET_SPEEDUP:.0f}x target)"
+    )
     return speedup
 
 

@@ -13,23 +13,16 @@ median of repeats. Target: ours no slower (ratio >= 1.0).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from torch import nn
 
+from experiments.bench_common import median_seconds, size_parser
 from lego import LEGOBlock
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=8)
+    parser = size_parser(__doc__, layers=4, repeats=8)
     parser.add_argument("--compile", action="store_true", help="torch.compile both stacks")
     return parser.parse_args(argv)
 
@@ -72,19 +65,12 @@ def main(argv: list[str] | None = None) -> dict:
         stacks = {name: torch.compile(stack) for name, stack in stacks.items()}
     x = torch.randn(args.batch, args.seq, args.dim)
 
-    def step(stack: nn.Module) -> float:
-        start = time.perf_counter()
-        stack(x).square().mean().backward()
-        return time.perf_counter() - start
+    def step(name: str) -> None:
+        stacks[name](x).square().mean().backward()
 
-    times: dict[str, list[float]] = {name: [] for name in stacks}
-    for stack in stacks.values():
-        step(stack)  # warm-up (and compilation)
-    for _ in range(args.repeats):
-        for name, stack in stacks.items():
-            times[name].append(step(stack))
+    seconds = median_seconds(stacks, step, args.repeats)  # the warm-up call also compiles
     tokens = args.batch * args.seq
-    rate = {name: tokens / statistics.median(t) for name, t in times.items()}
+    rate = {name: tokens / t for name, t in seconds.items()}
     print(
         f"forward+backward, dim {args.dim}, {args.heads} heads, {args.layers} layers, seq {args.seq}, "
         f"batch {args.batch}, compile={args.compile}, {torch.get_num_threads()} threads, median of {args.repeats}"

@@ -12,11 +12,10 @@ Target: measured ratio <= 1.10 x honest_cost at every point.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from experiments.bench_common import median_seconds, size_parser
 from lego import LEGOConfig, LEGOTransformer
 
 SHARES = (0.0, 0.25, 0.5, 0.75, 0.9)
@@ -24,14 +23,8 @@ TARGET = 1.10
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--layers", type=int, nargs="+", default=[2, 2], help="layers per block")
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser = size_parser(__doc__, layers=2, repeats=10, vocab=True)
+    parser.add_argument("--blocks", type=int, default=2, help="blocks of --layers layers each")
     return parser.parse_args(argv)
 
 
@@ -47,32 +40,24 @@ def exit_threshold(model: LEGOTransformer, x: torch.Tensor, share: float) -> flo
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     torch.manual_seed(0)
-    config = LEGOConfig(args.vocab, args.dim, args.heads, list(args.layers), max_seq_len=args.seq)
+    config = LEGOConfig(args.vocab, args.dim, args.heads, [args.layers] * args.blocks, max_seq_len=args.seq)
     model = LEGOTransformer.from_config(config).eval()
     with torch.no_grad():  # random confidences would all sit near 0.5: spread them like a trained classifier's
         model.blocks[0].exit_classifier.weight.normal_(0, 1.0)
     x = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     thresholds = {share: exit_threshold(model, x, share) for share in SHARES}
 
-    def timed(threshold: float) -> float:
-        model.blocks[0].threshold = threshold
-        start = time.perf_counter()
+    def run(point: float | str) -> None:
+        model.blocks[0].threshold = float("inf") if point == "dense" else thresholds[point]
         with torch.no_grad():
             model(x)
-        return time.perf_counter() - start
 
-    points = ["dense", *SHARES]
-    times: dict = {point: [] for point in points}
-    for point in points:
-        timed(float("inf") if point == "dense" else thresholds[point])  # warm-up
-    for _ in range(args.repeats):
-        for point in points:
-            times[point].append(timed(float("inf") if point == "dense" else thresholds[point]))
-    dense = statistics.median(times["dense"])
+    seconds = median_seconds(["dense", *SHARES], run, args.repeats)
+    dense = seconds["dense"]
 
     print(
-        f"LEGOTransformer.forward: dim {args.dim}, {args.heads} heads, blocks {args.layers}, vocab {args.vocab}, "
-        f"seq {args.seq}, batch {args.batch}, {torch.get_num_threads()} threads, median of {args.repeats}"
+        f"LEGOTransformer.forward: dim {args.dim}, {args.heads} heads, {args.blocks} blocks x {args.layers} layers, "
+        f"vocab {args.vocab}, seq {args.seq}, batch {args.batch}, {torch.get_num_threads()} threads, median of {args.repeats}"
     )
     print(f"{'exit@0':>7} {'ms':>8} {'ratio':>7} {'compute_cost':>13} {'honest_cost':>12} {'ratio/honest':>13}")
     rows = []
@@ -80,7 +65,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         model.blocks[0].threshold = thresholds[share]
         with torch.no_grad():
             _, stats = model(x, return_stats=True)
-        ms = statistics.median(times[share]) * 1e3
+        ms = seconds[share] * 1e3
         ratio = ms / (dense * 1e3)
         over = ratio / stats.honest_cost
         rows.append(

@@ -12,12 +12,10 @@ median of repeats. Target: <= 1.10 x the ideal at each ratio.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
-from experiments.bench_block import random_mask
+from experiments.bench_common import median_seconds, random_mask, size_parser
 from lego import FitConfig, LEGOBlock, TrainingData
 from lego.fitting import train_step
 
@@ -26,15 +24,7 @@ TARGET = 1.10
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=8)
-    return parser.parse_args(argv)
+    return size_parser(__doc__, layers=2, repeats=8, vocab=True).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -49,22 +39,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     batches = {r: TrainingData(hidden, targets, random_mask(r, args.batch, args.seq, gen)) for r in RATIOS}
     config, device = FitConfig(), torch.device("cpu")
 
-    def step(ratio: float) -> float:
-        start = time.perf_counter()
+    def step(ratio: float) -> None:
         loss = train_step(block, batches[ratio], None, config, device)[0]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return time.perf_counter() - start
 
-    times: dict[float, list[float]] = {r: [] for r in RATIOS}
-    for r in RATIOS:
-        step(r)  # warm-up
-    for _ in range(args.repeats):
-        for r in RATIOS:
-            times[r].append(step(r))
+    seconds = median_seconds(RATIOS, step, args.repeats)
     n = args.batch * args.seq
-    dense_ms = statistics.median(times[1.0]) * 1e3
+    dense_ms = seconds[1.0] * 1e3
     dense_flops = block.forward_flops(n, n, args.seq, n)
     print(
         f"train step (fwd+bwd+AdamW) of a {args.layers}-layer block: dim {args.dim}, vocab {args.vocab}, "
@@ -74,7 +57,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for r in RATIOS:
         n_active = int(batches[r].active.sum())
-        ms = statistics.median(times[r]) * 1e3
+        ms = seconds[r] * 1e3
         ideal = block.forward_flops(n_active, n, args.seq, n_active) / dense_flops
         over = ms / dense_ms / ideal
         rows.append({"hard_ratio": r, "ratio": ms / dense_ms, "ideal": ideal, "over_ideal": over})

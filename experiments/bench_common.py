@@ -1,0 +1,50 @@
+"""What every speed benchmark shares: its size arguments, random active masks, and side-by-side timing.
+
+Timing is interleaved (one call of every point per round, after one warm-up call each) and reported as
+the median per point, so machine noise hits every point alike and ratios stay comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable, Hashable, Iterable
+
+import torch
+
+
+def size_parser(doc: str, *, layers: int, repeats: int, vocab: bool = False) -> argparse.ArgumentParser:
+    """dim 512, 8 heads, seq 256, batch 8 by default: the realistic CPU size the issues ask for."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=layers)
+    if vocab:
+        parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    return parser
+
+
+def random_mask(share: float, batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
+    """Exactly round(share * tokens) active tokens, scattered at random (as hard tokens are)."""
+    n = batch * seq
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=gen)[: round(share * n)]] = True
+    return mask.view(batch, seq)
+
+
+def median_seconds(points: Iterable[Hashable], run: Callable[[Hashable], None], repeats: int) -> dict:
+    """Median wall time of `run(point)` per point, timed round robin after a warm-up call each."""
+    points = list(points)
+    times: dict = {point: [] for point in points}
+    for point in points:
+        run(point)
+    for _ in range(repeats):
+        for point in points:
+            start = time.perf_counter()
+            run(point)
+            times[point].append(time.perf_counter() - start)
+    return {point: statistics.median(t) for point, t in times.items()}
