@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     print(
         f"LEGOTransformer.forward: dim {args.dim}, {args.heads} heads, {args.blocks} blocks x {args.layers} layers, "
-        f"vocab {args.vocab}, seq {args.seq}, batch {args.batch}, {torch.get_num_threads()} threads, median of {args.repeats}"
+        f"vocab {args.vocab}, seq {args.seq}, batch {args.batch}, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats}"
     )
     print(f"{'exit@0':>7} {'ms':>8} {'ratio':>7} {'compute_cost':>13} {'honest_cost':>12} {'ratio/honest':>13}")
     rows = []
