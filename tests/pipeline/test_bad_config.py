@@ -30,3 +30,19 @@ def test_wrong_type_is_rejected_by_the_schema(tmp_path, cache_dir):
     assert proc.returncode != 0
     assert "model.dim" in proc.stderr and "wide" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_bad_data_is_one_line_and_leaves_no_run(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    proc = run_train(
+        "+experiment=tiny",
+        f"hydra.run.dir={run_dir}",
+        "data=text_files",
+        f"data.files=[{tmp_path}/missing.txt]",
+        cache_dir=cache_dir,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "data.files" in last and "missing.txt" in last
+    assert not run_dir.exists()
