@@ -27,6 +27,7 @@ DENSE = "dense"
 # name -> train.py overrides; the experiment files hold the shared settings (conf/experiment/compare_*.yaml)
 METHODS: dict[str, list[str]] = {
     DENSE: ["+experiment=compare_dense"],
+    "dense, one block": ["+experiment=compare_dense_block"],
     "lego r=0.3": ["+experiment=compare_lego", "hard_ratio.value=0.3"],
     "lego r=0.5": ["+experiment=compare_lego", "hard_ratio.value=0.5"],
     "lego r=0.7": ["+experiment=compare_lego", "hard_ratio.value=0.7"],
