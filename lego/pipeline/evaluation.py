@@ -4,6 +4,7 @@ scan that turns one trained model into a PPL-vs-compute curve."""
 from __future__ import annotations
 
 import math
+import statistics
 import time
 
 import torch
@@ -129,6 +130,33 @@ def threshold_scan(
         for block, threshold in zip(model.blocks, saved, strict=True):
             block.threshold = threshold
     return sorted(rows, key=lambda row: row["honest_cost"])
+
+
+@torch.no_grad()
+def measure_speedup(
+    model: LEGOTransformer, windows: Tensor, batch_size: int, device, repeats: int = 3, max_batches: int = 8
+) -> float:
+    """Wall time of the forward at full depth over the forward with the current thresholds, on the same
+    batches, timed alternately (median of `repeats` rounds) so machine noise hits both alike."""
+    model.eval()
+    batches = [b[:, :-1].to(device) for b in windows.split(batch_size)[:max_batches]]
+    thresholds = [block.threshold for block in model.blocks]
+
+    def timed(routed: bool) -> float:
+        for block, threshold in zip(model.blocks, thresholds, strict=True):
+            block.threshold = threshold if routed else float("inf")
+        start = time.perf_counter()
+        for batch in batches:
+            model(batch)
+        return time.perf_counter() - start
+
+    try:
+        timed(True), timed(False)  # warm-up
+        rounds = [(timed(False), timed(True)) for _ in range(repeats)]
+    finally:
+        for block, threshold in zip(model.blocks, thresholds, strict=True):
+            block.threshold = threshold
+    return statistics.median(full / routed for full, routed in rounds)
 
 
 def _ppl(loss: float) -> float:
