@@ -10,7 +10,8 @@ from universal_helpers import run_train
 def universal_run(tmp_path_factory):
     cache_dir = tmp_path_factory.mktemp("cache")
     run_dir = tmp_path_factory.mktemp("universal") / "run"
-    proc = run_train("+experiment=universal_tiny", f"hydra.run.dir={run_dir}", cache_dir=cache_dir)
+    # W&B is the runner's, tested in tests/pipeline; disabled here it saves seconds per run.
+    proc = run_train("+experiment=universal_tiny", f"hydra.run.dir={run_dir}", "wandb=disabled", cache_dir=cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, cache_dir
 
@@ -34,7 +35,7 @@ def test_stage_folder_is_complete_and_a_rerun_loads_it(universal_run):
     stage = run_dir / "stage_0"
     assert (stage / "model.safetensors").is_file() and (stage / "stats.json").is_file()
     assert not list(stage.glob("checkpoint*"))
-    proc = run_train("+experiment=universal_tiny", f"hydra.run.dir={run_dir}", cache_dir=cache_dir)
+    proc = run_train("+experiment=universal_tiny", f"hydra.run.dir={run_dir}", "wandb=disabled", cache_dir=cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "training complete" in proc.stdout
 
@@ -42,8 +43,8 @@ def test_stage_folder_is_complete_and_a_rerun_loads_it(universal_run):
 def test_bad_universal_key_is_one_line_naming_it(universal_run, tmp_path):
     _, cache_dir = universal_run
     proc = run_train(
-        "+experiment=universal_tiny", "+universal.layer_weights={1: -1}", f"hydra.run.dir={tmp_path / 'bad'}",
-        cache_dir=cache_dir,
+        "+experiment=universal_tiny", "+universal.layer_weights={1: -1}", "wandb=disabled",
+        f"hydra.run.dir={tmp_path / 'bad'}", cache_dir=cache_dir,
     )  # fmt: skip
     assert proc.returncode == 2
     assert "universal.layer_weights" in proc.stderr and "Traceback" not in proc.stderr
