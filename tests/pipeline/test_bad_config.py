@@ -2,7 +2,7 @@
 
 import pytest
 
-from .conftest import run_train
+from tests.launch import run_train
 
 BAD = [
     ("hard_ratio.value=1.5", "hard_ratio.value=1.5"),

@@ -8,8 +8,7 @@ from safetensors.torch import load_file
 
 from lego import TrainingData
 from lego.pipeline.tracking import read_offline_run
-
-from .conftest import run_train
+from tests.launch import run_train
 
 RESULT_KEYS = {
     "test_ppl", "test_acc", "val_ppl", "val_acc", "exit_counts", "exit_rates", "shallow_ratio",

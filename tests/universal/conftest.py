@@ -1,6 +1,7 @@
 import pytest
 import torch
-from universal_helpers import VOCAB
+
+from tests.universal.universal_helpers import VOCAB
 
 
 @pytest.fixture

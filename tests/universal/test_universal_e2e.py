@@ -3,7 +3,8 @@
 import json
 
 import pytest
-from universal_helpers import run_train
+
+from tests.launch import run_train
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from universal_helpers import make_trainer
 
 from experiments.universal_trainer import UniversalConfig, distillation_loss
+from tests.universal.universal_helpers import make_trainer
 
 
 def hand_layer_losses(model, x, y) -> list[torch.Tensor]:

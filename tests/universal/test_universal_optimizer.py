@@ -1,9 +1,9 @@
 """Layer-wise learning rates: one parameter group per layer at base_lr * scale, embedding/head at base_lr."""
 
 import pytest
-from universal_helpers import make_trainer
 
 from experiments.universal_trainer import UniversalConfig
+from tests.universal.universal_helpers import make_trainer
 
 
 def test_one_group_per_layer_with_scaled_lr():

@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
-from universal_helpers import make_trainer
 
 from experiments.universal.trainer import run_layers
 from experiments.universal_trainer import UniversalConfig
 from lego.model import logit_confidence
+from tests.universal.universal_helpers import make_trainer
 
 
 def routed(trainer, model, windows):

@@ -1,0 +1,30 @@
+"""Launch real `python train.py ...` runs in a subprocess, as users do (shared by the end-to-end tests)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_train(*args: str, cache_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` with progress bars off, offline, and its own cache; flags such as -m first."""
+    flags = [a for a in args if a.startswith("-")]
+    overrides = [a for a in args if not a.startswith("-")]
+    env = {
+        **os.environ,
+        "LEGO_CACHE_DIR": str(cache_dir),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "WANDB_SILENT": "true",
+    }
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *flags, "trainer.progress=false", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
