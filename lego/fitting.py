@@ -8,6 +8,19 @@
 2. Threshold calibration on validation tokens: about `1 - hard_ratio` of the tokens reaching the block exit.
 3. Hard tokens by ratio: the bottom `hard_ratio` of the active training tokens by confidence
    (`torch.topk(..., largest=False)`), returned as the next block's TrainingData.
+
+Under torch.distributed (`lego.distributed`, e.g. torchrun) every rank passes its own round-robin shard
+of `train` and `val` (`TrainingData.shard`) and the stage stays one global computation:
+- `batch_size` is the global batch; each rank takes its share of it, all ranks take the same number of
+  steps (the fewest any rank has batches for), and each step's loss is the mean over all ranks' tokens:
+  every rank weights its loss by its share of the step's tokens and the gradients are summed over
+  ranks after `backward()` (what DDP does, without bucketing), so the ranks stay bit-identical;
+- validation loss and early stopping use sums over all ranks; threshold calibration all validation
+  confidences;
+- hard tokens are the bottom `hard_ratio` of all ranks' active tokens, chosen by the same `topk` over
+  the gathered confidences in global token order, so with the same block they are exactly the tokens a
+  single process would choose; each rank keeps (and writes) its own.
+In a single process none of this runs and the code path is the plain one above.
 """
 
 from __future__ import annotations
@@ -15,6 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lego import distributed
 from lego.atomic import atomic_write
 from lego.training_data import HiddenStateWriter, TrainingData
 
@@ -53,6 +68,7 @@ class FitConfig:
     seed: int = 0
     checkpoint_path: str | None = None  # resume an interrupted stage from its last evaluation
     hard_data_path: str | None = None  # write the hard tokens' TrainingData here, streamed (memory-mapped)
+    bf16_autocast: bool = True  # training forward passes in bf16 autocast on CUDA; never used on the CPU
 
     def __post_init__(self) -> None:
         if self.hard_ratio is not None and not 0.0 < self.hard_ratio < 1.0:
@@ -121,7 +137,10 @@ def _lr_lambda(config: FitConfig, total_steps: int) -> Callable[[int], float]:
 
 @torch.no_grad()
 def evaluate(block: LEGOBlock, data: TrainingData, embedding: nn.Embedding | None, batch_size: int) -> dict:
-    """Loss, PPL and accuracy of `block` on `data`'s active tokens, plus their confidences."""
+    """Loss, PPL and accuracy of `block` on `data`'s active tokens, plus their confidences.
+
+    Under torch.distributed `data` is this rank's shard: loss, PPL, accuracy and `tokens` are over all
+    ranks' tokens, `confidence` is this rank's only (gather it where the whole set is needed)."""
     was_training = block.training
     block.eval()
     device = next(block.parameters()).device
@@ -134,6 +153,9 @@ def evaluate(block: LEGOBlock, data: TrainingData, embedding: nn.Embedding | Non
         count += ce.numel()
         confidences.append(out.confidence[out.active].cpu())
     block.train(was_training)
+    if distributed.world()[1] > 1:  # `data` is this rank's shard: report the whole set
+        sums = distributed.all_reduce_sum(torch.tensor([total_ce, correct, count], dtype=torch.float64))
+        total_ce, correct, count = float(sums[0]), int(sums[1]), int(sums[2])
     loss = total_ce / max(count, 1)
     return {
         "loss": loss,
@@ -189,13 +211,42 @@ def select_hard(confidence: Tensor, active: Tensor, hard_ratio: float) -> Tensor
     """The bottom `hard_ratio` of the active tokens by confidence, as a new (sequences, seq) mask.
 
     By ratio, not by threshold: exactly `int(n_active * hard_ratio)` tokens, whatever the confidences.
+    Under torch.distributed, `confidence` and `active` are this rank's shard and the ratio is global
+    (`_select_hard_global`).
     """
+    if distributed.world()[1] > 1:
+        return _select_hard_global(confidence, active, hard_ratio)
     flat_active = active.reshape(-1).nonzero().squeeze(1)
     n_hard = int(len(flat_active) * hard_ratio)
     chosen = torch.topk(confidence.reshape(-1)[flat_active], n_hard, largest=False).indices
     hard = torch.zeros(active.numel(), dtype=torch.bool)
     hard[flat_active[chosen]] = True
     return hard.view_as(active)
+
+
+def _select_hard_global(confidence: Tensor, active: Tensor, hard_ratio: float) -> Tensor:
+    """This rank's share of the bottom `hard_ratio` of every rank's active tokens.
+
+    Every rank gathers all active tokens' confidences with their global flat positions (local sequence
+    i is global sequence `i * world + rank`, see `shard_rows`), sorts them into global token order and
+    runs the same `topk` as a single process would on the whole data: identical input, identical choice,
+    ties included. Costs 12 bytes per active token on every rank.
+    """
+    rank, world = distributed.world()
+    seq_len = active.shape[1]
+    local = active.reshape(-1).nonzero().squeeze(1)
+    global_seq = (local // seq_len) * world + rank
+    positions = torch.cat(distributed.all_gather_variable(global_seq * seq_len + local % seq_len))
+    values = torch.cat(distributed.all_gather_variable(confidence.reshape(-1)[local].float()))
+    order = positions.argsort()
+    positions, values = positions[order], values[order]
+    n_hard = int(len(values) * hard_ratio)
+    chosen = positions[torch.topk(values, n_hard, largest=False).indices]
+    seq = chosen // seq_len
+    mine = chosen[seq % world == rank]
+    hard = torch.zeros_like(active)
+    hard[(mine // seq_len) // world, mine % seq_len] = True
+    return hard
 
 
 def calibrate_threshold(confidence: Tensor, hard_ratio: float) -> float:
@@ -227,17 +278,19 @@ def fit_block(
     return `(hard_data, stats)`; `hard_data` is None when `config.hard_ratio` is None."""
     started = time.perf_counter()
     device = next(block.parameters()).device
+    rank, world = distributed.world()
+    batch_size = distributed.per_rank(config.batch_size)
     trained: list[nn.Module] = [block] + ([embedding, block.head] if embedding is not None else [])
     optimizer = torch.optim.AdamW(
         _param_groups(trained, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2)
     )
-    steps_per_epoch = train.num_batches(config.batch_size)
+    steps_per_epoch = distributed.global_min(train.num_batches(batch_size))  # every rank takes as many steps
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total_steps))
     eval_every = max(1, steps_per_epoch // config.evals_per_epoch)
-    stats = FitStats(active_tokens=len(train))
+    stats = FitStats(active_tokens=int(distributed.global_sum(len(train))))
     state = {"step": 0, "epoch": 0, "best_loss": float("inf"), "bad_evals": 0, "best": None}
 
     checkpoint = Path(config.checkpoint_path) if config.checkpoint_path else None
@@ -271,26 +324,37 @@ def fit_block(
     stop = state["step"] >= total_steps
     while not stop and state["epoch"] < config.epochs:
         epoch = state["epoch"]
-        generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+        # each rank its own shuffle: the same one would pair neighbouring windows in every global batch
+        generator = torch.Generator().manual_seed((config.seed * 1000 + epoch) * world + rank)
         running, running_n = 0.0, 0
-        for i, batch in enumerate(train.batches(config.batch_size, shuffle=True, generator=generator)):
+        for i, batch in enumerate(train.batches(batch_size, shuffle=True, generator=generator)):
+            if i >= steps_per_epoch:
+                break  # another rank ran out of batches: its remainder is dropped too
             if i < state["step"] - epoch * steps_per_epoch:
                 continue  # resumed mid-epoch: skip what was done (same shuffle, same order)
             loss, lm_loss, exit_loss, n_tokens = train_step(block, batch, embedding, config, device)
+            shown_loss = loss.item()
+            flops = 3 * block.forward_flops(n_tokens, batch.targets.numel(), train.seq_len, n_tokens)
+            if world > 1:
+                loss, shown_loss, lm_loss, exit_loss, n_tokens, flops = _global_step(
+                    loss, shown_loss, lm_loss, exit_loss, n_tokens, flops
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             params = [p for group in optimizer.param_groups for p in group["params"]]
+            if world > 1:
+                _sum_gradients(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
             scheduler.step()
             state["step"] += 1
             stats.train_tokens += n_tokens
-            stats.train_flops += 3 * block.forward_flops(n_tokens, batch.targets.numel(), train.seq_len, n_tokens)
+            stats.train_flops += flops
             running += float(lm_loss) * n_tokens
             running_n += n_tokens
             if callback:
                 callback({
-                    "kind": "step", "step": state["step"], "epoch": epoch, "loss": loss.item(),
+                    "kind": "step", "step": state["step"], "epoch": epoch, "loss": shown_loss,
                     "lm_loss": float(lm_loss), "exit_loss": float(exit_loss), "tokens": n_tokens,
                     "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                 })  # fmt: skip
@@ -301,7 +365,8 @@ def fit_block(
                 if checkpoint is not None:
                     if last_of_epoch:
                         state["epoch"] = epoch + 1
-                    _save_checkpoint(checkpoint, trained, optimizer, scheduler, state, stats)
+                    if distributed.is_main():  # the ranks hold identical states: one file
+                        _save_checkpoint(checkpoint, trained, optimizer, scheduler, state, stats)
                 if stop:
                     break
         state["epoch"] = epoch + 1
@@ -314,7 +379,8 @@ def fit_block(
 
     hard_data = None
     if config.hard_ratio is not None:
-        val_conf = evaluate(block, val, embedding, config.eval_batch_size)["confidence"]
+        local_conf = evaluate(block, val, embedding, config.eval_batch_size)["confidence"]
+        val_conf = torch.cat(distributed.all_gather_variable(local_conf))  # every rank's validation tokens
         block.threshold = calibrate_threshold(val_conf, config.hard_ratio)
         stats.threshold = block.threshold
         stats.calibration = {
@@ -331,7 +397,7 @@ def fit_block(
                 _, confidence, _ = propagate(block, train, embedding, config.eval_batch_size, out=out.hidden)
                 out.finish(train.targets, select_hard(confidence, train.active, config.hard_ratio))
             hard_data = TrainingData.load(config.hard_data_path, mmap=True)
-        stats.hard_count = len(hard_data)
+        stats.hard_count = int(distributed.global_sum(len(hard_data)))
     stats.seconds = time.perf_counter() - started
     return hard_data, stats
 
@@ -339,13 +405,42 @@ def fit_block(
 def train_step(
     block: LEGOBlock, batch: TrainingData, embedding: nn.Embedding | None, config: FitConfig, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor, int]:
-    out = block.run(block_input(batch, embedding, device), batch.active.to(device), logits_for="active")
-    ce, right = token_losses(out, batch.targets.to(device))
+    use_bf16 = config.bf16_autocast and device.type == "cuda"
+    with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext():
+        out = block.run(block_input(batch, embedding, device), batch.active.to(device), logits_for="active")
+    ce, right = token_losses(out, batch.targets.to(device))  # losses in float32 either way
     lm_loss = ce.mean()
     labels = torch.exp(-ce.detach()) if config.soft_exit_labels else right.float()
     exit_logit = out.exit_logit.reshape(-1).index_select(0, out.logits_index)
     exit_loss = F.binary_cross_entropy_with_logits(exit_logit.float(), labels)
     return lm_loss + config.exit_loss_weight * exit_loss, lm_loss.detach(), exit_loss.detach(), ce.numel()
+
+
+def _global_step(
+    loss: Tensor, shown_loss: float, lm_loss: Tensor, exit_loss: Tensor, n_tokens: int, flops: float
+) -> tuple[Tensor, float, float, float, int, float]:
+    """This rank's part of one global step: its loss weighted by its share of the step's tokens (the
+    summed gradients are then those of the mean over every rank's tokens), and the step's global loss
+    values, token count and FLOPs for logging and stats."""
+    sums = distributed.all_reduce_sum(
+        torch.tensor([n_tokens, shown_loss * n_tokens, float(lm_loss) * n_tokens, float(exit_loss) * n_tokens, flops],
+                     dtype=torch.float64)
+    )  # fmt: skip
+    total = float(sums[0])
+    return (
+        loss * (n_tokens / total), float(sums[1]) / total, float(sums[2]) / total, float(sums[3]) / total,
+        int(total), float(sums[4]),
+    )  # fmt: skip
+
+
+def _sum_gradients(params: list[nn.Parameter]) -> None:
+    """Sum every parameter's gradient over ranks in one collective (a flat buffer, like one DDP bucket)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = distributed.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+    offset = 0
+    for param in params:
+        param.grad = flat[offset : offset + param.numel()].view_as(param)
+        offset += param.numel()
 
 
 def _snapshot(modules: list[nn.Module]) -> list[dict[str, Tensor]]:

@@ -89,6 +89,10 @@ class TrainingData:
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
         return TrainingData(pick(self.hidden_states), self.targets[rows], self.active[rows], pick(self.input_ids))
 
+    def shard(self, rank: int, world: int) -> TrainingData:
+        """Rank `rank`'s share of the sequences: every `world`-th one, starting at `rank` (`shard_rows`)."""
+        return self if world == 1 else self.select(shard_rows(self.num_sequences, rank, world))
+
     def to(self, device: torch.device | str) -> TrainingData:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return TrainingData(move(self.hidden_states), move(self.targets), move(self.active), move(self.input_ids))
@@ -174,6 +178,49 @@ class TrainingData:
         if expected != (data.num_sequences, data.seq_len, len(data)):
             raise DataError(f"{path}: header says (sequences, seq_len, active) = {expected}, tensors disagree")
         return data
+
+
+# -- shards: one file per rank -------------------------------------------------------------------
+def shard_rows(sequences: int, rank: int, world: int) -> Tensor:
+    """The global sequence indices rank `rank` of `world` holds: rank, rank + world, rank + 2 * world, ...
+
+    Round-robin, so local sequence i is global sequence `i * world + rank`, and the shards of any number
+    of ranks interleave back into the global order.
+    """
+    return torch.arange(rank, sequences, world)
+
+
+def shard_path(path: str | Path, rank: int, world: int) -> Path:
+    """Where rank `rank` of `world` writes its shard of the TrainingData at `path`; one rank uses `path`."""
+    path = Path(path)
+    return path if world == 1 else path.with_name(f"{path.stem}.rank{rank}-of{world}{path.suffix}")
+
+
+def load_shard(path: str | Path, saved_world: int, rank: int, world: int) -> TrainingData:
+    """Rank `rank` of `world`'s share of the TrainingData that `saved_world` ranks wrote as shards of `path`.
+
+    The same number of ranks maps its own file (`mmap=True`, streamed). Another number (a resume on more
+    or fewer ranks) maps every saved shard, puts the sequences back in global order and takes this rank's
+    round-robin share, which is then held in memory.
+    """
+    if saved_world == world:
+        return TrainingData.load(shard_path(path, rank, world), mmap=True)
+    saved = [TrainingData.load(shard_path(path, r, saved_world), mmap=True) for r in range(saved_world)]
+    total = sum(part.num_sequences for part in saved)
+    wanted = shard_rows(total, rank, world)
+    source, row = wanted % saved_world, wanted // saved_world
+
+    def gather(field: str) -> Tensor | None:
+        parts = [getattr(part, field) for part in saved]
+        if parts[0] is None:
+            return None
+        out = parts[0].new_empty(len(wanted), *parts[0].shape[1:])
+        for r, part in enumerate(parts):
+            picked = source == r
+            out[picked] = part[row[picked]]
+        return out
+
+    return TrainingData(gather("hidden_states"), gather("targets"), gather("active"), gather("input_ids"))
 
 
 # -- streaming to and from disk ------------------------------------------------------------------
