@@ -4,15 +4,21 @@ through TRUE early exit -> results.json, plots, W&B, a one-screen summary.
 `run_experiment` needs no Hydra (tests and notebooks call it with a RunConfig); `main` is the Hydra
 entry that `train.py` wraps: it resolves the run directory and the W&B group, and turns user errors
 into one clear line and a non-zero exit.
+
+Under torchrun (`torchrun --nproc_per_node=N train.py ...`) every rank runs `main`: they agree on rank
+0's run directory, train on their shards of the data (`TrainingData.shard`), and rank 0 alone evaluates,
+writes results and plots, logs to W&B and prints (docs/scaling.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,6 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from lego import distributed
 from lego.data import format_summary, prepare_data
 from lego.errors import ConfigError, LEGOError
 from lego.model import LEGOTransformer
@@ -38,39 +45,51 @@ VOLATILE_KEYS = ("wandb", "debug", "trainer.progress", "trainer.num_threads", "t
 
 
 def run_experiment(run: RunConfig, resolved: dict, run_dir: Path, group: str | None = None) -> dict:
+    """Train and evaluate one run in `run_dir`; returns results.json's content ({} on ranks other than 0)."""
     started = time.perf_counter()
+    rank, world = distributed.world()
+    if world > 1 and run.method != "lego":
+        raise ConfigError(f"method={run.method} runs in one process only; start it without torchrun")
     run_dir.mkdir(parents=True, exist_ok=True)
     check_resumable(run_dir, resolved)
     if run.trainer.num_threads:
         torch.set_num_threads(run.trainer.num_threads)
     device = pick_device(run.trainer.device)
 
+    if rank > 0:
+        distributed.barrier()  # rank 0 fills the data cache first, the others then read it
     prepared = prepare_data(
         run.data, run.tokenizer, seed=run.seed, cache_dir=run.cache_dir, progress=run.trainer.progress
     )
+    if rank == 0:
+        distributed.barrier()
     unigram_ppl = prepared.unigram_ppl()
     print(format_summary(prepared.summary))
     print(f"baseline: unigram test PPL {unigram_ppl:.1f}")
-    write_json(run_dir / "run_config.json", _comparable(resolved))
-    prepared.tokenizer.save(run_dir / "tokenizer.json")
+    if rank == 0:
+        write_json(run_dir / "run_config.json", _comparable(resolved))
+        prepared.tokenizer.save(run_dir / "tokenizer.json")
 
-    torch.manual_seed(run.seed)
+    torch.manual_seed(run.seed)  # the same initial weights on every rank
     model = LEGOTransformer.from_config(model_config(run, prepared.vocab_size)).to(device)
-    train = TrainingData.from_windows(prepared.train)
-    val = TrainingData.from_windows(prepared.val)
+    train = TrainingData.from_windows(prepared.train).shard(rank, world)
+    val = TrainingData.from_windows(prepared.val).shard(rank, world)
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"model: {n_params / 1e6:.2f}M parameters, blocks of {[b.num_layers for b in model.blocks]} layers, "
         f"dim {model.dim}, on {device}"
     )
 
+    mode = run.wandb.mode if rank == 0 else "disabled"  # one W&B run, from rank 0
     tracker = Tracker(
-        run_dir=run_dir, config=resolved, mode=run.wandb.mode, project=run.wandb.project, entity=run.wandb.entity,
+        run_dir=run_dir, config=resolved, mode=mode, project=run.wandb.project, entity=run.wandb.entity,
         group=run.wandb.group or group, name=run.wandb.name or f"{run.experiment_name}/{run_dir.name}",
         tags=list(run.wandb.tags),
     )  # fmt: skip
     with tracker:
         stages = get_method(run.method)(run, model, train, val, run_dir, tracker)
+        if rank > 0:
+            return {}
         results = final_results(run, model, prepared.val, prepared.test, stages, device)
         results.update(
             unigram_ppl=unigram_ppl,
@@ -137,6 +156,8 @@ def final_results(
 
 
 def pick_device(name: str) -> torch.device:
+    if name in ("auto", "cuda") and torch.cuda.is_available() and distributed.world()[1] > 1:
+        return distributed.local_device()  # one GPU per rank
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -171,6 +192,32 @@ def check_resumable(run_dir: Path, resolved: dict) -> None:
         )
 
 
+def shared_run_dir(own: Path) -> Path:
+    """Rank 0's Hydra output directory, on every rank.
+
+    Hydra names the directory in each process (`${now:...}` differs between ranks started a second
+    apart); a rank whose own directory differs removes it, as it holds only Hydra's bookkeeping.
+    """
+    shared = Path(distributed.broadcast_object(str(own.resolve())))
+    if own.resolve() != shared:
+        shutil.rmtree(own / ".hydra", ignore_errors=True)
+        for log in own.glob("*.log"):
+            log.unlink()
+        with contextlib.suppress(OSError):
+            own.rmdir()
+    return shared
+
+
+@contextlib.contextmanager
+def _stdout_on_rank_0() -> Iterator[None]:
+    """Other ranks' prints go nowhere: one summary per run, not one per rank (stderr stays open)."""
+    if distributed.is_main():
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in tree.items():
@@ -182,17 +229,22 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def main(cfg: DictConfig) -> float | None:
-    """Hydra task function (see train.py). Returns the test PPL, for sweepers that optimise it."""
+    """Hydra task function (see train.py). Returns the test PPL, for sweepers that optimise it (None on
+    ranks other than 0, which print nothing to stdout: rank 0 reports for all)."""
+    distributed.init_from_env()
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
+    run_dir = shared_run_dir(Path(hydra_cfg.runtime.output_dir))
     fresh = not (run_dir / "run_config.json").exists()
     group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
     try:
         run = to_run_config(cfg)
+        if not distributed.is_main():
+            run.trainer.progress = False
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        return run_experiment(run, resolved, run_dir, group)["test_ppl"]
+        with _stdout_on_rank_0():
+            return run_experiment(run, resolved, run_dir, group).get("test_ppl")
     except LEGOError as err:
-        if fresh and not any(run_dir.glob("stage_*")):
+        if fresh and distributed.is_main() and not any(run_dir.glob("stage_*")):
             shutil.rmtree(run_dir, ignore_errors=True)  # bad input leaves no half-made run behind
         if cfg.get("debug") or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

@@ -2,10 +2,13 @@
 
 Each stage leaves `stage_<k>/` in the run directory:
   model.safetensors         the whole model after the stage
-  hard_tokens.safetensors   the TrainingData Block k+1 trains on (`TrainingData.load`); not for the last block
+  hard_tokens.safetensors   the TrainingData Block k+1 trains on (`TrainingData.load`); not for the last block.
+                            With N ranks (torchrun) each writes its shard, hard_tokens.rank<r>-of<N>.safetensors
   stats.json                written last: its presence marks the stage complete
   checkpoint.pt             while the stage runs (weights_only-loadable); removed when it completes
-A re-run with the same run directory skips complete stages and resumes an interrupted one.
+A re-run with the same run directory skips complete stages and resumes an interrupted one, on any
+number of ranks: a complete stage's shards are read back re-sharded (`load_shard`). Under torchrun every
+rank trains on its shard of the data (see `lego.fitting`); rank 0 alone writes the shared files.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lego import distributed
 from lego.fitting import route
 from lego.model import LEGOTransformer
 from lego.pipeline.config import RunConfig, fit_config, hard_ratios
 from lego.pipeline.files import load_weights, read_json, save_weights, write_json
 from lego.pipeline.progress import StageProgress
 from lego.pipeline.tracking import Tracker
-from lego.training_data import TrainingData
+from lego.training_data import TrainingData, load_shard, shard_path
 
 
 @dataclass
@@ -37,25 +41,27 @@ def train_staged(
     tracker: Tracker,
 ) -> list[StageResult]:
     ratios = hard_ratios(run)
+    rank, world = distributed.world()
     results: list[StageResult] = []
     for k, block in enumerate(model.blocks):
         last = k == len(model.blocks) - 1
         stage_dir = run_dir / f"stage_{k}"
         embedding = model.embedding if k == 0 else None
         hard_path = stage_dir / "hard_tokens.safetensors"
-        if (stage_dir / "stats.json").is_file():
+        if distributed.broadcast_object((stage_dir / "stats.json").is_file()):  # rank 0 decides for all
             load_weights(model, stage_dir / "model.safetensors")
             stats = read_json(stage_dir / "stats.json")
             print(f"stage {k}: complete in {stage_dir}, loaded (delete the folder to retrain it)")
-            hard = None if last else TrainingData.load(hard_path, mmap=True)
+            hard = None if last else load_shard(hard_path, stats.get("ranks", 1), rank, world)
             results.append(StageResult(stats, resumed=True))
         else:
-            active_share = len(train) / train.targets.numel()
+            active_share = distributed.global_sum(len(train)) / distributed.global_sum(train.targets.numel())
             config = fit_config(run, k, None if last else ratios[k], str(stage_dir / "checkpoint.pt"), active_share)
-            config.hard_data_path = None if last else str(hard_path)  # streamed to disk, memory-mapped back
+            # streamed to disk, memory-mapped back; one shard per rank
+            config.hard_data_path = None if last else str(shard_path(hard_path, rank, world))
             progress = StageProgress(
                 k,
-                _total_steps(train, config.batch_size, config.epochs, config.max_steps),
+                _total_steps(train, distributed.per_rank(config.batch_size), config.epochs, config.max_steps),
                 run.trainer.progress,
                 on_event=lambda event, k=k: tracker.log_step(k, _numeric(event)),
             )
@@ -67,12 +73,15 @@ def train_staged(
                 "block": k,
                 "layers": block.num_layers,
                 "hard_ratio": None if last else ratios[k],
-                "train_sequences": train.num_sequences,
+                "train_sequences": int(distributed.global_sum(train.num_sequences)),
+                "ranks": world,  # how many shards hard_tokens was written as
                 **fit_stats.as_dict(),
             }
-            save_weights(model, stage_dir / "model.safetensors")
-            write_json(stage_dir / "stats.json", stats)
-            (stage_dir / "checkpoint.pt").unlink(missing_ok=True)
+            distributed.barrier()  # every rank's shard is on disk before stats.json marks the stage complete
+            if distributed.is_main():
+                save_weights(model, stage_dir / "model.safetensors")
+                write_json(stage_dir / "stats.json", stats)
+                (stage_dir / "checkpoint.pt").unlink(missing_ok=True)
             tracker.log_stage_end(k, stats)
             results.append(StageResult(stats, resumed=False))
             print(_stage_line(k, stats))
