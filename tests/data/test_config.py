@@ -17,32 +17,38 @@ def test_defaults_are_valid():
     TokenizerConfig().validate()
 
 
-@pytest.mark.parametrize(("overrides", "key"), [
-    ({"source": "web"}, "data.source"),
-    ({"format": "csv"}, "data.format"),
-    ({"source": "text_files"}, "data.files"),
-    ({"source": "hf"}, "data.name"),
-    ({"text_column": ""}, "data.text_column"),
-    ({"seq_len": 0}, "data.seq_len"),
-    ({"batch_size": 0}, "data.batch_size"),
-    ({"span_chars": 0}, "data.span_chars"),
-    ({"max_train_tokens": 10}, "data.max_train_tokens"),
-    ({"max_eval_tokens": 0}, "data.max_eval_tokens"),
-    ({"val_fraction": 0.0}, "data.val_fraction"),
-    ({"test_fraction": 1.5}, "data.test_fraction"),
-    ({"val_fraction": 0.5, "test_fraction": 0.5}, "data.val_fraction"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"source": "web"}, "data.source"),
+        ({"format": "csv"}, "data.format"),
+        ({"source": "text_files"}, "data.files"),
+        ({"source": "hf"}, "data.name"),
+        ({"text_column": ""}, "data.text_column"),
+        ({"seq_len": 0}, "data.seq_len"),
+        ({"batch_size": 0}, "data.batch_size"),
+        ({"span_chars": 0}, "data.span_chars"),
+        ({"max_train_tokens": 10}, "data.max_train_tokens"),
+        ({"max_eval_tokens": 0}, "data.max_eval_tokens"),
+        ({"val_fraction": 0.0}, "data.val_fraction"),
+        ({"test_fraction": 1.5}, "data.test_fraction"),
+        ({"val_fraction": 0.5, "test_fraction": 0.5}, "data.val_fraction"),
+    ],
+)
 def test_bad_data_config(overrides, key):
     with pytest.raises(ConfigError, match=key) as error:
         DataConfig(**overrides).validate()
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize(("overrides", "key"), [
-    ({"kind": "wordpiece"}, "tokenizer.kind"),
-    ({"vocab_size": 100}, "tokenizer.vocab_size"),
-    ({"kind": "file"}, "tokenizer.path"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"kind": "wordpiece"}, "tokenizer.kind"),
+        ({"vocab_size": 100}, "tokenizer.vocab_size"),
+        ({"kind": "file"}, "tokenizer.path"),
+    ],
+)
 def test_bad_tokenizer_config(overrides, key):
     with pytest.raises(ConfigError, match=key):
         TokenizerConfig(**overrides).validate()

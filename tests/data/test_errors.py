@@ -103,7 +103,8 @@ def test_interrupted_run_leaves_no_cache_entry(tmp_path, small_txt, make_data, m
 
     monkeypatch.setattr(prepare_module, "_encode", encode_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        prepare_data(make_data([small_txt]), TokenizerConfig(vocab_size=300), seed=0, cache_dir=tmp_path,
-                     progress=False)
+        prepare_data(
+            make_data([small_txt]), TokenizerConfig(vocab_size=300), seed=0, cache_dir=tmp_path, progress=False
+        )
     assert [p.parent.name for p in tmp_path.glob("tok*/*")] == ["tokenizers"]  # complete, so kept
     assert not list(tmp_path.rglob("*.tmp"))

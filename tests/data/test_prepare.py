@@ -15,8 +15,9 @@ from lego.data import DataConfig, TokenizerConfig, format_summary, prepare_data
 @pytest.fixture(scope="module")
 def austen(tmp_path_factory):
     """The default config, cold, exactly as a fresh install would run it (offline)."""
-    return prepare_data(DataConfig(), TokenizerConfig(), seed=0, cache_dir=tmp_path_factory.mktemp("cache"),
-                        progress=False)
+    return prepare_data(
+        DataConfig(), TokenizerConfig(), seed=0, cache_dir=tmp_path_factory.mktemp("cache"), progress=False
+    )
 
 
 def test_default_corpus(austen):
@@ -62,8 +63,10 @@ def test_splits_are_disjoint_and_tokenizer_sees_train_only(tmp_path, small_txt, 
     def line_numbers(text):  # whole lines only: a window boundary may cut the last line of a split
         return {line[:10] for line in text.splitlines() if re.fullmatch(r"line \d{5}: .* dog", line)}
 
-    train, val, test = (line_numbers(prepared.tokenizer.decode(getattr(prepared, s).flatten().tolist()))
-                        for s in ("train", "val", "test"))
+    train, val, test = (
+        line_numbers(prepared.tokenizer.decode(getattr(prepared, s).flatten().tolist()))
+        for s in ("train", "val", "test")
+    )
     assert train and val and test
     assert not train & val and not train & test and not val & test
     tokenizer_lines = line_numbers("".join(trained_on))
@@ -71,8 +74,10 @@ def test_splits_are_disjoint_and_tokenizer_sees_train_only(tmp_path, small_txt, 
 
 
 def test_deterministic_across_cache_dirs(tmp_path, small_txt, make_data, byte_tok):
-    runs = [prepare_data(make_data([small_txt]), byte_tok, seed=seed, cache_dir=tmp_path / str(i), progress=False)
-            for i, seed in enumerate((7, 7, 8))]
+    runs = [
+        prepare_data(make_data([small_txt]), byte_tok, seed=seed, cache_dir=tmp_path / str(i), progress=False)
+        for i, seed in enumerate((7, 7, 8))
+    ]
     for split in ("train", "val", "test"):
         assert torch.equal(getattr(runs[0], split), getattr(runs[1], split))
     assert not torch.equal(runs[0].val, runs[2].val)
@@ -109,8 +114,9 @@ def test_caps(tmp_path, small_txt, make_data, byte_tok):
 def test_text_file_is_one_document(tmp_path, make_data, byte_tok, numbered_lines):
     for i in range(3):
         (tmp_path / f"doc{i}.txt").write_text(numbered_lines(100), encoding="utf-8")
-    prepared = prepare_data(make_data([tmp_path / "doc*.txt"]), byte_tok, seed=0, cache_dir=tmp_path / "c",
-                            progress=False)
+    prepared = prepare_data(
+        make_data([tmp_path / "doc*.txt"]), byte_tok, seed=0, cache_dir=tmp_path / "c", progress=False
+    )
     assert prepared.summary["documents"] == 3
     assert sum(prepared.summary["chars"].values()) == 3 * len(numbered_lines(100))
 
@@ -126,8 +132,9 @@ def test_jsonl_with_custom_column(tmp_path, make_data, byte_tok, numbered_lines)
 
 def test_parquet(tmp_path, make_data, byte_tok, numbered_lines):
     datasets.Dataset.from_dict({"text": [numbered_lines(20)] * 20}).to_parquet(str(tmp_path / "rows.parquet"))
-    prepared = prepare_data(make_data([tmp_path / "rows.parquet"]), byte_tok, seed=0, cache_dir=tmp_path / "c",
-                            progress=False)
+    prepared = prepare_data(
+        make_data([tmp_path / "rows.parquet"]), byte_tok, seed=0, cache_dir=tmp_path / "c", progress=False
+    )
     assert prepared.summary["documents"] == 20
 
 
