@@ -198,8 +198,8 @@ def shared_run_dir(own: Path) -> Path:
     Hydra names the directory in each process (`${now:...}` differs between ranks started a second
     apart); a rank whose own directory differs removes it, as it holds only Hydra's bookkeeping.
     """
-    shared = Path(distributed.broadcast_object(str(own.resolve())))
-    if own.resolve() != shared:
+    shared = Path(distributed.broadcast_object(str(own)))  # absolute: Hydra makes it so
+    if own != shared:
         shutil.rmtree(own / ".hydra", ignore_errors=True)
         for log in own.glob("*.log"):
             log.unlink()
