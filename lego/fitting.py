@@ -125,7 +125,9 @@ def _param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _lr_lambda(config: FitConfig, total_steps: int) -> Callable[[int], float]:
+def lr_schedule(config: FitConfig, total_steps: int) -> Callable[[int], float]:
+    """LambdaLR factor: linear warmup over `warmup_steps`, then cosine decay to `min_lr_ratio`."""
+
     def factor(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
@@ -288,7 +290,7 @@ def fit_block(
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config, total_steps))
     eval_every = max(1, steps_per_epoch // config.evals_per_epoch)
     stats = FitStats(active_tokens=int(distributed.global_sum(len(train))))
     state = {"step": 0, "epoch": 0, "best_loss": float("inf"), "bad_evals": 0, "best": None}

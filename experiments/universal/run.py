@@ -22,12 +22,12 @@ import torch
 from experiments.universal.config import from_dict
 from experiments.universal.trainer import UniversalTrainer
 from lego.atomic import atomic_write
-from lego.fitting import FitConfig, _lr_lambda
+from lego.fitting import FitConfig, lr_schedule
 from lego.model import LEGOTransformer
 from lego.pipeline.config import RunConfig
 from lego.pipeline.files import load_weights, read_json, save_weights, write_json
 from lego.pipeline.progress import StageProgress
-from lego.pipeline.staged import _numeric
+from lego.pipeline.staged import numeric_metrics
 from lego.pipeline.tracking import Tracker
 from lego.training_data import TrainingData
 
@@ -56,7 +56,7 @@ def train_from_run(
     eval_every = max(1, steps_per_epoch // stage.evals_per_epoch)
     optimizer = trainer.create_optimizer(model, stage.lr)
     schedule = FitConfig(warmup_steps=stage.warmup_steps, min_lr_ratio=stage.min_lr_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(schedule, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(schedule, total_steps))
     n_layers, seq_len = len(model.blocks), train.seq_len
     state = {"epoch": 0, "step": 0, "tokens": 0, "flops": [0.0] * n_layers, "evals": [], "seconds": 0.0}
     checkpoint = stage_dir / "checkpoint.pt"
@@ -69,7 +69,9 @@ def train_from_run(
         print(f"universal: resuming after epoch {state['epoch'] - 1} from {checkpoint}")
 
     started = time.perf_counter() - state["seconds"]
-    progress = StageProgress(0, total_steps, run.trainer.progress, lambda event: tracker.log_step(0, _numeric(event)))
+    progress = StageProgress(
+        0, total_steps, run.trainer.progress, lambda event: tracker.log_step(0, numeric_metrics(event))
+    )
     running: dict[str, float] = {}
 
     def validate(epoch: int) -> None:

@@ -70,6 +70,7 @@ class TrainerConf:
     grad_clip: float = 1.0
     threshold_scan: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
+    bf16: bool = True  # bf16 autocast for training forwards on CUDA; the CPU path always stays float32
     progress: bool = True
 
 
@@ -205,6 +206,7 @@ def fit_config(
         max_steps=stage.max_steps,
         seed=run.seed + k,
         checkpoint_path=checkpoint_path,
+        bf16_autocast=run.trainer.bf16,
     )
 
 

@@ -63,7 +63,7 @@ def train_staged(
                 k,
                 _total_steps(train, distributed.per_rank(config.batch_size), config.epochs, config.max_steps),
                 run.trainer.progress,
-                on_event=lambda event, k=k: tracker.log_step(k, _numeric(event)),
+                on_event=lambda event, k=k: tracker.log_step(k, numeric_metrics(event)),
             )
             try:
                 hard, fit_stats = block.fit(train, val, config, embedding=embedding, callback=progress)
@@ -97,7 +97,8 @@ def _total_steps(data: TrainingData, batch_size: int, epochs: int, max_steps: in
     return min(steps, max_steps) if max_steps is not None else steps
 
 
-def _numeric(event: dict) -> dict[str, float]:
+def numeric_metrics(event: dict) -> dict[str, float]:
+    """The numbers of a fit callback event (what W&B can chart)."""
     return {k: v for k, v in event.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 

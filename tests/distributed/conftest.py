@@ -11,7 +11,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.launch import REPO
+from tests.launch import REPO, offline_env
 
 
 def free_port() -> int:
@@ -22,16 +22,15 @@ def free_port() -> int:
 
 def run_torchrun(*args: str, nproc: int, cache_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node=NPROC train.py ARGS` on this machine, with the environment of
-    tests/pipeline/conftest.py's `run_train` (offline, progress bars off, its own cache)."""
-    env = {**os.environ, "LEGO_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "WANDB_SILENT": "true"}  # fmt: skip
-    env.pop("HYDRA_FULL_ERROR", None)
+    tests/launch.py's `run_train` (offline, progress bars off, its own cache)."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         str(REPO / "train.py"), "trainer.progress=false", *args,
     ]  # fmt: skip
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        command, cwd=REPO, env=offline_env(cache_dir), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _join_and_run(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import REPO, run_train  # noqa: F401  (REPO: re-exported for tests/distributed)
+from tests.launch import run_train
 
 
 @pytest.fixture(scope="session")
