@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_dir_name(name: str) -> str:
-    return name.replace(" ", "_").replace("=", "")
+    """A folder name Hydra accepts in an override (no spaces, commas or '=')."""
+    return re.sub(r"[^A-Za-z0-9.]+", "_", name.replace("=", ""))
 
 
 def run_all(out: Path, quick: bool, only: list[str] | None) -> None:
