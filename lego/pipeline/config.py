@@ -8,7 +8,7 @@ work starts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -34,7 +34,8 @@ class ModelConf:
 
 @dataclass
 class StageConf:
-    """One block of the schedule: its depth and how its stage trains."""
+    """One block of the schedule: its depth and how its stage trains (every field but `layers` is the
+    `lego.fitting.FitConfig` field of the same name)."""
 
     layers: int = 2
     epochs: int = 1
@@ -189,21 +190,14 @@ def fit_config(
     only partly hard, take the same number of trainable tokens per step as Block 0."""
     stage = run.block_schedule.blocks[k]
     batch_size = stage.batch_size or max(1, round(run.data.batch_size / max(active_share, 1e-6)))
+    # StageConf mirrors FitConfig's per-stage fields (same names): copy those, set the rest here.
+    shared = {f.name: getattr(stage, f.name) for f in fields(StageConf) if f.name not in ("layers", "batch_size")}
     return FitConfig(
-        epochs=stage.epochs,
-        lr=stage.lr,
-        min_lr_ratio=stage.min_lr_ratio,
-        warmup_steps=stage.warmup_steps,
-        weight_decay=stage.weight_decay,
+        **shared,
         batch_size=batch_size,
         eval_batch_size=run.trainer.eval_batch_size,
         grad_clip=run.trainer.grad_clip,
-        patience=stage.patience,
-        evals_per_epoch=stage.evals_per_epoch,
-        exit_loss_weight=stage.exit_loss_weight,
-        soft_exit_labels=stage.soft_exit_labels,
         hard_ratio=hard_ratio,
-        max_steps=stage.max_steps,
         seed=run.seed + k,
         checkpoint_path=checkpoint_path,
         bf16_autocast=run.trainer.bf16,
