@@ -15,3 +15,9 @@ class ConfigError(LEGOError, ValueError):
 
 class DataError(LEGOError, ValueError):
     """A corpus, dataset or file cannot be used; the message names the config key to change."""
+
+
+def check_one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    """A ConfigError naming `key` when `value` is not one of `allowed`."""
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is unknown; use one of: {', '.join(allowed)}")

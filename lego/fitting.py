@@ -98,6 +98,11 @@ class FitStats:
 Callback = Callable[[dict], None]
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so that a diverged run reports a huge number instead of overflowing."""
+    return math.exp(min(loss, 50.0))
+
+
 def block_input(batch: TrainingData, embedding: nn.Embedding | None, device: torch.device) -> Tensor:
     if batch.input_ids is not None:
         if embedding is None:
@@ -161,7 +166,7 @@ def evaluate(block: LEGOBlock, data: TrainingData, embedding: nn.Embedding | Non
     loss = total_ce / max(count, 1)
     return {
         "loss": loss,
-        "ppl": math.exp(min(loss, 50.0)),
+        "ppl": perplexity(loss),
         "acc": correct / max(count, 1),
         "tokens": count,
         "confidence": torch.cat(confidences) if confidences else torch.zeros(0),
@@ -310,7 +315,7 @@ def fit_block(
         result = evaluate(block, val, embedding, config.eval_batch_size)
         row = {
             "step": state["step"], "epoch": epoch, "train_loss": train_loss,
-            "train_ppl": math.exp(min(train_loss, 50.0)), "val_loss": result["loss"],
+            "train_ppl": perplexity(train_loss), "val_loss": result["loss"],
             "val_ppl": result["ppl"], "val_acc": result["acc"], "lr": scheduler.get_last_lr()[0],
         }  # fmt: skip
         stats.evals.append(row)

@@ -22,7 +22,7 @@ import torch
 from experiments.universal.config import from_dict
 from experiments.universal.trainer import UniversalTrainer
 from lego.atomic import atomic_write
-from lego.fitting import FitConfig, lr_schedule
+from lego.fitting import FitConfig, lr_schedule, perplexity
 from lego.model import LEGOTransformer
 from lego.pipeline.config import RunConfig
 from lego.pipeline.files import load_weights, read_json, save_weights, write_json
@@ -82,7 +82,7 @@ def train_from_run(
             train_loss = running.get(f"layer{i}_loss", 0.0) / max(running.get("tokens", 0.0), 1.0)
             rows.append({
                 "step": state["step"], "epoch": epoch, "train_loss": train_loss,
-                "train_ppl": math.exp(min(train_loss, 50.0)), "val_loss": layer["loss"], "val_ppl": layer["ppl"],
+                "train_ppl": perplexity(train_loss), "val_loss": layer["loss"], "val_ppl": layer["ppl"],
                 "val_acc": layer["acc"],
             })  # fmt: skip
         state["evals"].append(rows)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from experiments.universal.config import UniversalConfig
-from lego.fitting import token_losses
+from lego.fitting import perplexity, token_losses
 from lego.model import BlockOutput, LEGOConfig, LEGOTransformer
 from lego.pipeline.evaluation import evaluate_routed
 from lego.pipeline.files import load_weights
@@ -202,7 +202,7 @@ class UniversalTrainer:
                     "lr": optimizer.param_groups[-1]["lr"], **terms,
                 })  # fmt: skip
         means = {key: value / max(tokens, 1) for key, value in sums.items()}
-        return {**means, "ppl": math.exp(min(means.get("lm_loss", 0.0), 50.0)), "tokens": tokens, "steps": steps}
+        return {**means, "ppl": perplexity(means.get("lm_loss", 0.0)), "tokens": tokens, "steps": steps}
 
     @torch.no_grad()
     def layer_metrics(self, model: LEGOTransformer, data: TrainingData | Tensor, batch_size: int = 64) -> dict:
@@ -224,7 +224,7 @@ class UniversalTrainer:
         metrics = {}
         for k in range(n):
             loss = ce_sum[k] / max(count, 1)
-            metrics[k + 1] = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "acc": correct[k] / max(count, 1)}
+            metrics[k + 1] = {"loss": loss, "ppl": perplexity(loss), "acc": correct[k] / max(count, 1)}
         return metrics
 
     def evaluate(self, model: LEGOTransformer, data: TrainingData | Tensor, batch_size: int = 64) -> dict:

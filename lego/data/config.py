@@ -6,7 +6,7 @@ ConfigStore, and `validate()` turns out-of-range values into a one-line `ConfigE
 
 from dataclasses import dataclass, field
 
-from lego.errors import ConfigError
+from lego.errors import ConfigError, check_one_of
 
 SOURCES = ("austen", "text_files", "hf")
 FORMATS = ("auto", "text", "json", "parquet")
@@ -32,8 +32,8 @@ class DataConfig:
 
     def validate(self) -> None:
         """Reject values that cannot work before any file is read."""
-        _one_of("data.source", self.source, SOURCES)
-        _one_of("data.format", self.format, FORMATS)
+        check_one_of("data.source", self.source, SOURCES)
+        check_one_of("data.format", self.format, FORMATS)
         if self.source == "text_files" and not self.files:
             raise ConfigError("data.files is empty: pass the corpus files, e.g. data.files=[a.txt,b.jsonl]")
         if self.source == "hf" and not self.name:
@@ -67,7 +67,7 @@ class TokenizerConfig:
 
     def validate(self) -> None:
         """Reject values that cannot work before any file is read."""
-        _one_of("tokenizer.kind", self.kind, TOKENIZER_KINDS)
+        check_one_of("tokenizer.kind", self.kind, TOKENIZER_KINDS)
         if self.kind == "bpe" and self.vocab_size < 256:
             raise ConfigError(
                 f"tokenizer.vocab_size={self.vocab_size} is below 256, the byte alphabet "
@@ -75,8 +75,3 @@ class TokenizerConfig:
             )
         if self.kind == "file" and not self.path:
             raise ConfigError("tokenizer.path is not set: give the tokenizer.json to load")
-
-
-def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is unknown; use one of: {', '.join(allowed)}")

@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from lego.data import DataConfig, TokenizerConfig
-from lego.errors import ConfigError
+from lego.errors import ConfigError, check_one_of
 from lego.fitting import FitConfig
 from lego.model import LEGOConfig
 
@@ -116,8 +116,8 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
 
 
 def validate(run: RunConfig) -> None:
-    _one_of("method", run.method, METHODS)
-    _one_of("wandb.mode", run.wandb.mode, WANDB_MODES)
+    check_one_of("method", run.method, METHODS)
+    check_one_of("wandb.mode", run.wandb.mode, WANDB_MODES)
     m = run.model
     if m.dim < 1 or m.num_heads < 1 or m.dim % m.num_heads or (m.dim // m.num_heads) % 2:
         raise ConfigError(
@@ -202,8 +202,3 @@ def fit_config(
         checkpoint_path=checkpoint_path,
         bf16_autocast=run.trainer.bf16,
     )
-
-
-def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is unknown; use one of: {', '.join(allowed)}")

@@ -3,7 +3,6 @@ scan that turns one trained model into a PPL-vs-compute curve."""
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 
@@ -11,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lego.fitting import calibrate_threshold
+from lego.fitting import calibrate_threshold, perplexity
 from lego.model import LEGOTransformer
 
 HIST_BINS = 50
@@ -60,12 +59,12 @@ def evaluate_routed(model: LEGOTransformer, windows: Tensor, batch_size: int, de
             "exit_count": n,
             "exit_rate": n / max(total, 1),
             "mean_confidence": conf_sum[k] / active_counts[k] if active_counts[k] else None,
-            "ppl": _ppl(ce_sum[k] / n) if n else None,
+            "ppl": perplexity(ce_sum[k] / n) if n else None,
             "acc": correct[k] / n if n else None,
         })  # fmt: skip
     edges = torch.linspace(0, 1, HIST_BINS + 1).tolist()
     return {
-        "ppl": _ppl(loss),
+        "ppl": perplexity(loss),
         "loss": loss,
         "acc": sum(correct) / max(total, 1),
         "tokens": total,
@@ -157,7 +156,3 @@ def measure_speedup(
         for block, threshold in zip(model.blocks, thresholds, strict=True):
             block.threshold = threshold
     return statistics.median(full / routed for full, routed in rounds)
-
-
-def _ppl(loss: float) -> float:
-    return math.exp(min(loss, 50.0))
