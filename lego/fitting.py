@@ -39,7 +39,8 @@ from torch import Tensor, nn
 
 from lego import distributed
 from lego.atomic import atomic_write
-from lego.training_data import HiddenStateWriter, TrainingData
+from lego.sharding import ShardedLayers, clip_grad_norm, full_tensors, is_sharded, shard_like, shard_optimizer_state
+from lego.training_data import HiddenStateWriter, TrainingData, load_within_budget
 
 if TYPE_CHECKING:
     from lego.model import BlockOutput, LEGOBlock
@@ -68,7 +69,9 @@ class FitConfig:
     seed: int = 0
     checkpoint_path: str | None = None  # resume an interrupted stage from its last evaluation
     hard_data_path: str | None = None  # write the hard tokens' TrainingData here, streamed (memory-mapped)
+    memory_budget_mb: float | None = 0.0  # ... and read it back into memory if it fits, else map it (None: read)
     bf16_autocast: bool = True  # training forward passes in bf16 autocast on CUDA; never used on the CPU
+    fsdp: bool = False  # under torch.distributed: shard the block's layers while training (`lego.sharding`)
 
     def __post_init__(self) -> None:
         if self.hard_ratio is not None and not 0.0 < self.hard_ratio < 1.0:
@@ -265,11 +268,24 @@ def calibrate_threshold(confidence: Tensor, hard_ratio: float) -> float:
     return float(ordered[k])
 
 
-def route(block: LEGOBlock, data: TrainingData, embedding: nn.Embedding | None, batch_size: int) -> TrainingData:
+def route(
+    block: LEGOBlock,
+    data: TrainingData,
+    embedding: nn.Embedding | None,
+    batch_size: int,
+    stream_to: str | Path | None = None,
+) -> TrainingData:
     """Inference routing as data: the tokens that do not exit at this block stay active for the next one
-    (the validation set each later stage trains against)."""
-    hidden, _, should_exit = propagate(block, data, embedding, batch_size)
-    return TrainingData(hidden, data.targets, data.active & ~should_exit)
+    (the validation set each later stage trains against). `stream_to`: write it to this file as it is
+    computed and return it memory-mapped, instead of building it in memory."""
+    if stream_to is None:
+        hidden, _, should_exit = propagate(block, data, embedding, batch_size)
+        return TrainingData(hidden, data.targets, data.active & ~should_exit)
+    dtype = next(block.parameters()).dtype
+    with HiddenStateWriter(stream_to, data.num_sequences, data.seq_len, block.dim, dtype) as out:
+        _, _, should_exit = propagate(block, data, embedding, batch_size, out=out.hidden)
+        out.finish(data.targets, data.active & ~should_exit)
+    return TrainingData.load(stream_to, mmap=True)
 
 
 def fit_block(
@@ -288,8 +304,12 @@ def fit_block(
     rank, world = distributed.world()
     batch_size = distributed.per_rank(config.batch_size)
     trained: list[nn.Module] = [block] + ([embedding, block.head] if embedding is not None else [])
+    sharded = ShardedLayers(block) if config.fsdp and world > 1 else None
     optimizer = torch.optim.AdamW(
-        _param_groups(trained, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2)
+        _param_groups(trained, config.weight_decay),
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        foreach=False if sharded else None,  # foreach kernels do not take sharded and plain tensors together
     )
     steps_per_epoch = distributed.global_min(train.num_batches(batch_size))  # every rank takes as many steps
     total_steps = steps_per_epoch * config.epochs
@@ -304,7 +324,9 @@ def fit_block(
     if checkpoint is not None and checkpoint.is_file():
         saved = torch.load(checkpoint, map_location=device, weights_only=True)
         _load_trained(trained, saved["weights"])
-        optimizer.load_state_dict(saved["optimizer"])
+        optimizer.load_state_dict(
+            shard_optimizer_state(saved["optimizer"], optimizer) if sharded else saved["optimizer"]
+        )
         scheduler.load_state_dict(saved["scheduler"])
         state.update(saved["state"])
         stats.evals = saved["evals"]
@@ -312,7 +334,8 @@ def fit_block(
 
     def validate(epoch: int, train_loss: float) -> bool:
         """Record one validation; True when patience ran out."""
-        result = evaluate(block, val, embedding, config.eval_batch_size)
+        with sharded.gathered() if sharded else nullcontext():
+            result = evaluate(block, val, embedding, config.eval_batch_size)
         row = {
             "step": state["step"], "epoch": epoch, "train_loss": train_loss,
             "train_ppl": perplexity(train_loss), "val_loss": result["loss"],
@@ -350,8 +373,9 @@ def fit_block(
             loss.backward()
             params = [p for group in optimizer.param_groups for p in group["params"]]
             if world > 1:
-                _sum_gradients(params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                _sum_gradients([p for p in params if not is_sharded(p)])  # FSDP reduce-scattered the rest
+            clip = clip_grad_norm if sharded else torch.nn.utils.clip_grad_norm_
+            grad_norm = clip(params, config.grad_clip)
             optimizer.step()
             scheduler.step()
             state["step"] += 1
@@ -372,14 +396,15 @@ def fit_block(
                 if checkpoint is not None:
                     if last_of_epoch:
                         state["epoch"] = epoch + 1
-                    if distributed.is_main():  # the ranks hold identical states: one file
-                        _save_checkpoint(checkpoint, trained, optimizer, scheduler, state, stats)
+                    _save_checkpoint(checkpoint, trained, optimizer, scheduler, state, stats, sharded is not None)
                 if stop:
                     break
         state["epoch"] = epoch + 1
     stats.stopped_early = state["bad_evals"] >= config.patience
     if state["best"] is not None:
         _load_trained(trained, state["best"])
+    if sharded:
+        sharded.release()  # plain, full weights again for calibration, hard tokens, saving and later stages
     stats.best_eval = min(range(len(stats.evals)), key=lambda i: stats.evals[i]["val_loss"]) if stats.evals else -1
     stats.best_val_ppl = stats.evals[stats.best_eval]["val_ppl"] if stats.evals else float("nan")
     block.eval()
@@ -398,12 +423,12 @@ def fit_block(
         if config.hard_data_path is None:
             hidden, confidence, _ = propagate(block, train, embedding, config.eval_batch_size)
             hard_data = TrainingData(hidden, train.targets, select_hard(confidence, train.active, config.hard_ratio))
-        else:  # streamed: the next stage's inputs go straight to disk and come back memory-mapped
+        else:  # streamed: the next stage's inputs go straight to disk, come back in memory or memory-mapped
             dtype = next(block.parameters()).dtype
             with HiddenStateWriter(config.hard_data_path, train.num_sequences, train.seq_len, block.dim, dtype) as out:
                 _, confidence, _ = propagate(block, train, embedding, config.eval_batch_size, out=out.hidden)
                 out.finish(train.targets, select_hard(confidence, train.active, config.hard_ratio))
-            hard_data = TrainingData.load(config.hard_data_path, mmap=True)
+            hard_data = load_within_budget(config.hard_data_path, config.memory_budget_mb)
         stats.hard_count = int(distributed.global_sum(len(hard_data)))
     stats.seconds = time.perf_counter() - started
     return hard_data, stats
@@ -455,13 +480,19 @@ def _snapshot(modules: list[nn.Module]) -> list[dict[str, Tensor]]:
 
 
 def _load_trained(modules: list[nn.Module], states: list[dict[str, Tensor]]) -> None:
+    """Load full or sharded states; full tensors are cut to this rank's shards where a module is sharded."""
     with torch.no_grad():
         for module, module_state in zip(modules, states, strict=True):
+            current = module.state_dict()
+            if any(is_sharded(value) for value in current.values()):
+                module_state = shard_like(module_state, current)
             module.load_state_dict(module_state)
 
 
-def _save_checkpoint(path: Path, modules, optimizer, scheduler, state: dict, stats: FitStats) -> None:
-    """Atomic (temp file + rename); plain tensors and numbers only, so `weights_only=True` loads it."""
+def _save_checkpoint(path: Path, modules, optimizer, scheduler, state: dict, stats: FitStats, sharded: bool) -> None:
+    """Atomic (temp file + rename); plain tensors and numbers only, so `weights_only=True` loads it.
+    Full tensors even under FSDP (gathered on every rank, written by rank 0): resumable on any number of
+    ranks, with or without FSDP. The ranks otherwise hold identical states: rank 0 writes the one file."""
     checkpoint = {
         "weights": _snapshot(modules),
         "optimizer": optimizer.state_dict(),
@@ -471,4 +502,7 @@ def _save_checkpoint(path: Path, modules, optimizer, scheduler, state: dict, sta
         "train_tokens": stats.train_tokens,
         "train_flops": stats.train_flops,
     }
-    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    if sharded:
+        checkpoint = full_tensors(checkpoint)
+    if distributed.is_main():
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))

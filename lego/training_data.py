@@ -196,31 +196,59 @@ def shard_path(path: str | Path, rank: int, world: int) -> Path:
     return path if world == 1 else path.with_name(f"{path.stem}.rank{rank}-of{world}{path.suffix}")
 
 
-def load_shard(path: str | Path, saved_world: int, rank: int, world: int) -> TrainingData:
+def load_within_budget(path: str | Path, memory_budget_mb: float | None) -> TrainingData:
+    """A TrainingData file read into memory when it fits `memory_budget_mb`, memory-mapped otherwise.
+
+    Mapped, batches are paged in as training touches them and the OS may drop them again, so a stage whose
+    dump is larger than the budget streams it from disk with bounded owned memory. `None`: no budget
+    (always read), 0: always stream.
+    """
+    size_mb = Path(path).stat().st_size / 2**20 if Path(path).is_file() else 0.0
+    return TrainingData.load(path, mmap=memory_budget_mb is not None and size_mb > memory_budget_mb)
+
+
+def load_shard(
+    path: str | Path, saved_world: int, rank: int, world: int, memory_budget_mb: float | None
+) -> TrainingData:
     """Rank `rank` of `world`'s share of the TrainingData that `saved_world` ranks wrote as shards of `path`.
 
-    The same number of ranks maps its own file (`mmap=True`, streamed). Another number (a resume on more
-    or fewer ranks) maps every saved shard, puts the sequences back in global order and takes this rank's
-    round-robin share, which is then held in memory.
+    The same number of ranks loads its own file (`load_within_budget`). Another number (a resume on more or
+    fewer ranks) maps every saved shard, puts the sequences back in global order and takes this rank's
+    round-robin share: in memory when it fits the budget, otherwise copied a chunk of sequences at a time
+    into this rank's own shard file (`shard_path(path, rank, world)`), which is then memory-mapped.
     """
     if saved_world == world:
-        return TrainingData.load(shard_path(path, rank, world), mmap=True)
+        return load_within_budget(shard_path(path, rank, world), memory_budget_mb)
     saved = [TrainingData.load(shard_path(path, r, saved_world), mmap=True) for r in range(saved_world)]
     total = sum(part.num_sequences for part in saved)
     wanted = shard_rows(total, rank, world)
     source, row = wanted % saved_world, wanted // saved_world
 
-    def gather(field: str) -> Tensor | None:
+    def gather(field: str, rows: slice = slice(None)) -> Tensor | None:
         parts = [getattr(part, field) for part in saved]
         if parts[0] is None:
             return None
-        out = parts[0].new_empty(len(wanted), *parts[0].shape[1:])
+        src, picked_rows = source[rows], row[rows]
+        out = parts[0].new_empty(len(src), *parts[0].shape[1:])
         for r, part in enumerate(parts):
-            picked = source == r
-            out[picked] = part[row[picked]]
+            picked = src == r
+            out[picked] = part[picked_rows[picked]]
         return out
 
-    return TrainingData(gather("hidden_states"), gather("targets"), gather("active"), gather("input_ids"))
+    first = saved[0]
+    bytes_per_sequence = first.inputs[:1].numel() * first.inputs.element_size() + 9 * first.seq_len
+    fits = memory_budget_mb is None or len(wanted) * bytes_per_sequence <= memory_budget_mb * 2**20
+    if fits or first.hidden_states is None:  # token ids (Block 0's data) are small: always in memory
+        return TrainingData(gather("hidden_states"), gather("targets"), gather("active"), gather("input_ids"))
+    own = shard_path(path, rank, world)
+    dim, dtype = first.hidden_states.shape[-1], first.hidden_states.dtype
+    with HiddenStateWriter(own, len(wanted), first.seq_len, dim, dtype) as writer:
+        chunk = max(1, int(memory_budget_mb * 2**20 // max(bytes_per_sequence, 1)))
+        for start in range(0, len(wanted), chunk):
+            rows = slice(start, start + chunk)
+            writer.hidden[rows] = gather("hidden_states", rows=rows)
+        writer.finish(gather("targets"), gather("active"))
+    return TrainingData.load(own, mmap=True)
 
 
 # -- streaming to and from disk ------------------------------------------------------------------

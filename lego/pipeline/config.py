@@ -72,6 +72,10 @@ class TrainerConf:
     threshold_scan: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
     bf16: bool = True  # bf16 autocast for training forwards on CUDA; the CPU path always stays float32
+    # A stage's TrainingData (hard tokens, routed validation set) up to this many MB per rank is held in
+    # memory; a larger one is streamed from disk (memory-mapped). 0: always stream; null: never.
+    memory_budget_mb: float | None = 1024.0
+    fsdp: bool = False  # under torchrun: FSDP2-shard the trained block's layers (params, grads, AdamW state)
     progress: bool = True
 
 
@@ -150,6 +154,11 @@ def validate(run: RunConfig) -> None:
             raise ConfigError(f"trainer.threshold_scan has {share}: exit shares must be in [0, 1)")
     if run.trainer.eval_batch_size < 1:
         raise ConfigError("trainer.eval_batch_size must be positive")
+    if run.trainer.memory_budget_mb is not None and run.trainer.memory_budget_mb < 0:
+        raise ConfigError(
+            f"trainer.memory_budget_mb={run.trainer.memory_budget_mb} is negative; use MB >= 0 (0: always stream) "
+            "or null (always in memory)"
+        )
     if not (run.trainer.device in ("auto", "cpu", "cuda") or run.trainer.device.startswith("cuda:")):
         raise ConfigError(f"trainer.device={run.trainer.device!r} is unknown; use auto, cpu, cuda or cuda:N")
     run.data.validate()
@@ -201,4 +210,6 @@ def fit_config(
         seed=run.seed + k,
         checkpoint_path=checkpoint_path,
         bf16_autocast=run.trainer.bf16,
+        memory_budget_mb=run.trainer.memory_budget_mb,
+        fsdp=run.trainer.fsdp,
     )

@@ -41,7 +41,8 @@ from lego.pipeline.tracking import Tracker
 from lego.training_data import TrainingData
 
 # Keys that may change between a run and its resume without changing what is computed.
-VOLATILE_KEYS = ("wandb", "debug", "trainer.progress", "trainer.num_threads", "trainer.device", "cache_dir")
+VOLATILE_KEYS = ("wandb", "debug", "trainer.progress", "trainer.num_threads", "trainer.device", "cache_dir",
+                 "trainer.memory_budget_mb", "trainer.fsdp")  # fmt: skip
 
 
 def run_experiment(run: RunConfig, resolved: dict, run_dir: Path, group: str | None = None) -> dict:

@@ -4,6 +4,7 @@ Each stage leaves `stage_<k>/` in the run directory:
   model.safetensors         the whole model after the stage
   hard_tokens.safetensors   the TrainingData Block k+1 trains on (`TrainingData.load`); not for the last block.
                             With N ranks (torchrun) each writes its shard, hard_tokens.rank<r>-of<N>.safetensors
+  val_routed.safetensors    the validation tokens routed on to Block k+1, only when larger than trainer.memory_budget_mb
   stats.json                written last: its presence marks the stage complete
   checkpoint.pt             while the stage runs (weights_only-loadable); removed when it completes
 A re-run with the same run directory skips complete stages and resumes an interrupted one, on any
@@ -52,12 +53,13 @@ def train_staged(
             load_weights(model, stage_dir / "model.safetensors")
             stats = read_json(stage_dir / "stats.json")
             print(f"stage {k}: complete in {stage_dir}, loaded (delete the folder to retrain it)")
-            hard = None if last else load_shard(hard_path, stats.get("ranks", 1), rank, world)
+            budget = run.trainer.memory_budget_mb
+            hard = None if last else load_shard(hard_path, stats.get("ranks", 1), rank, world, budget)
             results.append(StageResult(stats, resumed=True))
         else:
             active_share = distributed.global_sum(len(train)) / distributed.global_sum(train.targets.numel())
             config = fit_config(run, k, None if last else ratios[k], str(stage_dir / "checkpoint.pt"), active_share)
-            # streamed to disk, memory-mapped back; one shard per rank
+            # streamed to disk, read back within trainer.memory_budget_mb; one shard per rank
             config.hard_data_path = None if last else str(shard_path(hard_path, rank, world))
             progress = StageProgress(
                 k,
@@ -87,9 +89,17 @@ def train_staged(
             print(_stage_line(k, stats))
         if not last:
             # Validation for the next stage: the tokens inference would send on (threshold routing).
-            val = route(block, val, embedding, run.trainer.eval_batch_size)
+            routed_path = shard_path(stage_dir / "val_routed.safetensors", rank, world)
+            stream = _exceeds_budget(
+                val.num_sequences * val.seq_len * (4 * block.dim + 9), run.trainer.memory_budget_mb
+            )
+            val = route(block, val, embedding, run.trainer.eval_batch_size, routed_path if stream else None)
             train = hard
     return results
+
+
+def _exceeds_budget(nbytes: int, memory_budget_mb: float | None) -> bool:
+    return memory_budget_mb is not None and nbytes > memory_budget_mb * 2**20
 
 
 def _total_steps(data: TrainingData, batch_size: int, epochs: int, max_steps: int | None) -> int:

@@ -1,12 +1,13 @@
 """The global parts of a stage, with 2 gloo ranks on fixed inputs: hard-token selection, threshold
 calibration and validation sums must be exactly what one process computes on the whole data."""
 
+import pytest
 import torch
 
 from lego import TrainingData, distributed
 from lego.fitting import calibrate_threshold, evaluate, select_hard
 from lego.model import LEGOConfig, LEGOTransformer
-from lego.training_data import load_shard, shard_path, shard_rows
+from lego.training_data import load_shard, load_within_budget, shard_path, shard_rows
 
 from .conftest import spawn_ranks
 
@@ -94,8 +95,43 @@ def test_shards_reload_on_any_number_of_ranks(tmp_path):
         return all(torch.equal(x, y) for x, y in zip((a.hidden_states, a.targets, a.active),
                                                      (b.hidden_states, b.targets, b.active), strict=True))  # fmt: skip
 
-    assert same(load_shard(path, 2, 0, 1), data)  # 2 ranks -> 1: the global order back
+    assert same(load_shard(path, 2, 0, 1, None), data)  # 2 ranks -> 1: the global order back
     for rank in range(3):
-        assert same(load_shard(path, 2, rank, 3), data.shard(rank, 3))  # 2 ranks -> 3
-    assert same(load_shard(path, 2, 1, 2), data.shard(1, 2))  # same world: its own file
+        assert same(load_shard(path, 2, rank, 3, None), data.shard(rank, 3))  # 2 ranks -> 3
+    assert same(load_shard(path, 2, 1, 2, 0.0), data.shard(1, 2))  # same world: its own file
     assert shard_path(path, 0, 1) == path  # one process keeps the single-file name
+    assert not path.exists() and not shard_path(path, 0, 3).exists()  # no budget: held in memory, no file
+
+
+@pytest.mark.parametrize("budget_mb", [0.0, 0.0005])  # always stream; a budget of a few sequences per chunk
+def test_resharding_over_budget_streams_into_this_ranks_own_file(tmp_path, budget_mb):
+    generator = torch.Generator().manual_seed(1)
+    data = TrainingData(
+        hidden_states=torch.randn(SEQUENCES, SEQ_LEN, 4, generator=generator),
+        targets=torch.randint(0, 9, (SEQUENCES, SEQ_LEN), generator=generator),
+        active=torch.rand(SEQUENCES, SEQ_LEN, generator=generator) > 0.5,
+    )
+    path = tmp_path / "hard_tokens.safetensors"
+    for rank in range(2):
+        data.shard(rank, 2).save(shard_path(path, rank, 2))
+    for rank in range(3):
+        streamed = load_shard(path, 2, rank, 3, memory_budget_mb=budget_mb)
+        expected = data.shard(rank, 3)
+        assert shard_path(path, rank, 3).is_file()  # written a chunk at a time, then mapped
+        assert torch.equal(streamed.hidden_states, expected.hidden_states)
+        assert torch.equal(streamed.active, expected.active) and torch.equal(streamed.targets, expected.targets)
+
+
+def test_load_within_budget_maps_only_what_is_too_big(tmp_path, monkeypatch):
+    data = TrainingData(torch.randn(4, 8, 16), torch.zeros(4, 8, dtype=torch.long), torch.ones(4, 8, dtype=torch.bool))
+    path = tmp_path / "d.safetensors"
+    data.save(path)
+    size_mb = path.stat().st_size / 2**20
+    calls = []
+    real_load = TrainingData.load.__func__
+    monkeypatch.setattr(
+        TrainingData, "load", classmethod(lambda cls, p, mmap=False: calls.append(mmap) or real_load(cls, p, mmap=mmap))
+    )
+    for budget in (None, 2 * size_mb, size_mb / 2, 0.0):
+        assert torch.equal(load_within_budget(path, budget).hidden_states, data.hidden_states)
+    assert calls == [False, False, True, True]

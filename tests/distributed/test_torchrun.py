@@ -56,15 +56,46 @@ def test_two_ranks_write_results_once(two_rank_run):
     assert not (run_dir / "stage_1" / "checkpoint.pt").exists()
 
 
+def test_fsdp_run_computes_what_the_replicated_run_computes(two_rank_run, tmp_path, cache_dir):
+    run_dir = tmp_path / "fsdp"
+    proc = run_torchrun(
+        "+experiment=tiny",
+        f"hydra.run.dir={run_dir}",
+        "trainer.fsdp=true",
+        "wandb=disabled",
+        nproc=2,
+        cache_dir=cache_dir,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    replicated = json.loads((two_rank_run[0] / "results.json").read_text())
+    sharded = json.loads((run_dir / "results.json").read_text())
+    # Step for step the sharded stage is the replicated one (tests/distributed/test_fsdp.py); over a whole
+    # tiny run at lr 1e-2, float rounding of other summation orders drifts as far as one process vs two
+    # ranks does (~10 % PPL), so the end results are only checked to be of that kind.
+    assert sharded["test_ppl"] < 0.8 * sharded["unigram_ppl"]  # it learned (tiny: unigram 21, model ~13)
+    assert sharded["test_ppl"] == pytest.approx(replicated["test_ppl"], rel=0.25)
+    for k in range(2):
+        a, b = (json.loads((d / f"stage_{k}" / "stats.json").read_text()) for d in (run_dir, two_rank_run[0]))
+        assert a["hard_count"] == b["hard_count"] and a["active_tokens"] == b["active_tokens"]
+
+
 def test_two_rank_run_resumes_on_one_rank(two_rank_run, tmp_path, cache_dir):
     source, _ = two_rank_run
     run_dir = tmp_path / "run"
     shutil.copytree(source, run_dir, ignore=shutil.ignore_patterns("wandb"))
     shutil.rmtree(run_dir / "stage_1")
     (run_dir / "results.json").unlink()
-    proc = run_train("+experiment=tiny", f"hydra.run.dir={run_dir}", "wandb=disabled", cache_dir=cache_dir)
+    proc = run_train(
+        "+experiment=tiny",
+        f"hydra.run.dir={run_dir}",
+        "wandb=disabled",
+        "trainer.memory_budget_mb=0",
+        cache_dir=cache_dir,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("complete in") == 1
+    assert (run_dir / "stage_0" / "hard_tokens.safetensors").is_file()  # over budget: re-sharded to its own file
+    assert (run_dir / "stage_0" / "val_routed.safetensors").is_file()  # and the routed validation set streamed
     stage_0 = json.loads((run_dir / "stage_0" / "stats.json").read_text())
     stage_1 = json.loads((run_dir / "stage_1" / "stats.json").read_text())
     assert stage_1["ranks"] == 1

@@ -11,6 +11,7 @@ BAD = [
     ("hard_ratio.per_block=[0.5,0.5,0.5]", "hard_ratio.per_block has 3 values"),
     ("wandb.mode=sometimes", "wandb.mode='sometimes'"),
     ("data.seq_len=0", "data.seq_len=0"),
+    ("trainer.memory_budget_mb=-1", "trainer.memory_budget_mb=-1.0 is negative"),
 ]
 
 
