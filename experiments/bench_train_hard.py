@@ -17,7 +17,7 @@ import torch
 
 from experiments.bench_common import median_seconds, random_mask, size_parser
 from lego import FitConfig, LEGOBlock, TrainingData
-from lego.fitting import train_step
+from lego.fitting import make_optimizer, train_step
 
 RATIOS = (1.0, 0.7, 0.5, 0.3, 0.1)
 TARGET = 1.10
@@ -32,12 +32,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.manual_seed(0)
     block = LEGOBlock(args.dim, args.heads, args.layers, max_seq_len=args.seq)
     block.attach_head(torch.nn.Linear(args.dim, args.vocab, bias=False).requires_grad_(False))  # frozen, as for k > 0
-    optimizer = torch.optim.AdamW(block.parameters(), lr=1e-4)
+    config, device = FitConfig(lr=1e-4), torch.device("cpu")
+    optimizer = make_optimizer([block], config)  # what fit_block uses
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(args.batch, args.seq, args.dim, generator=gen)
     targets = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen)
     batches = {r: TrainingData(hidden, targets, random_mask(r, args.batch, args.seq, gen)) for r in RATIOS}
-    config, device = FitConfig(), torch.device("cpu")
 
     def step(ratio: float) -> None:
         loss = train_step(block, batches[ratio], None, config, device)[0]

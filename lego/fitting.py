@@ -133,6 +133,15 @@ def _param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(modules: list[nn.Module], config: FitConfig, sharded: bool = False) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of `modules`. The fused kernel (CPU and CUDA): its update costs
+    the same at any share of hard tokens, so at 10 % of them the loop-of-kernels version alone adds ~10 %
+    to a step. Sharded (FSDP) and plain tensors together take the simple per-parameter loop."""
+    groups = _param_groups(modules, config.weight_decay)
+    kernel = {"foreach": False} if sharded else {"fused": True}
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), **kernel)
+
+
 def lr_schedule(config: FitConfig, total_steps: int) -> Callable[[int], float]:
     """LambdaLR factor: linear warmup over `warmup_steps`, then cosine decay to `min_lr_ratio`."""
 
@@ -305,12 +314,7 @@ def fit_block(
     batch_size = distributed.per_rank(config.batch_size)
     trained: list[nn.Module] = [block] + ([embedding, block.head] if embedding is not None else [])
     sharded = ShardedLayers(block) if config.fsdp and world > 1 else None
-    optimizer = torch.optim.AdamW(
-        _param_groups(trained, config.weight_decay),
-        lr=config.lr,
-        betas=(config.beta1, config.beta2),
-        foreach=False if sharded else None,  # foreach kernels do not take sharded and plain tensors together
-    )
+    optimizer = make_optimizer(trained, config, sharded=sharded is not None)
     steps_per_epoch = distributed.global_min(train.num_batches(batch_size))  # every rank takes as many steps
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
