@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from lego import FitConfig, LEGOBlock, TrainingData
-from lego.training_data import HiddenStateWriter
+from lego import FitConfig, LEGOBlock
+from lego.training_data import HiddenStateWriter, load_within_budget
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,17 +71,19 @@ class AnonPeak:
 
 
 def run_stage(dump: Path, mode: str, vocab: int) -> dict:
-    """Worker: Block 1's stage on the dump, in memory or streamed; peak owned and total memory in MB."""
+    """Worker: Block 1's stage on the dump, in memory or streamed; peak owned and total memory in MB.
+    The two modes are the runner's `trainer.memory_budget_mb` set to null (never stream) and to 0."""
     anon = AnonPeak()
     streamed = mode == "streamed"
-    train = TrainingData.load(dump, mmap=streamed)
+    budget = 0.0 if streamed else None
+    train = load_within_budget(dump, budget)
     val = train.select(torch.arange(min(64, train.num_sequences)))  # a small copy, as a real val set
     torch.manual_seed(0)
     block = LEGOBlock(train.hidden_states.shape[-1], 4, 2, max_seq_len=train.seq_len)
     block.attach_head(torch.nn.Linear(block.dim, vocab, bias=False).requires_grad_(False))
     out = dump.with_name(f"next_{mode}.safetensors")
     config = FitConfig(
-        max_steps=20, batch_size=16, warmup_steps=1, hard_ratio=0.5, hard_data_path=str(out) if streamed else None
+        max_steps=20, batch_size=16, warmup_steps=1, hard_ratio=0.5, hard_data_path=str(out), memory_budget_mb=budget
     )
     block.fit(train, val, config)
     return {"owned_mb": anon.stop(), "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
