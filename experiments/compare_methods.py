@@ -131,8 +131,10 @@ def report(runs: dict[str, dict], out: Path, report_path: Path, command: str) ->
         "inference (K/V of kept tokens, attention, head) over the dense forward. *speed-up* is measured wall "
         "time of full-depth forwards over early-exit forwards of the same model on the same test batches, "
         "timed alternately (LEGO runs; the Universal runs barely exit at their 0.95 threshold). Training compute "
-        "is counted FLOPs (3x forward, K/V of context tokens included) over the dense baseline's; wall time "
-        "is the sum of the stages on a shared 2-core CPU (noisy).",
+        "is counted FLOPs over the dense baseline's: training steps (3x forward, K/V of context tokens "
+        "included) plus, for LEGO, each stage's forward over its training data that scores the next "
+        "block's hard tokens (validation passes are not counted, for any method); wall time is the sum of "
+        "the stages on a 2-core CPU.",
         "",
         "| method | test PPL | full depth PPL | acc | val PPL | shallow | compute | honest | speed-up "
         "| train FLOPs vs dense | train s | PPL vs dense |",

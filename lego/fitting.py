@@ -88,6 +88,7 @@ class FitStats:
     stopped_early: bool = False
     train_tokens: int = 0  # active training tokens seen (token-passes through the block)
     train_flops: float = 0.0  # forward + backward (3x forward), K/V of kept context tokens included
+    collect_flops: float = 0.0  # the forward over the training data that scores tokens for the next block
     active_tokens: int = 0  # active tokens in the stage's training data
     hard_count: int = 0
     threshold: float | None = None
@@ -434,8 +435,17 @@ def fit_block(
                 out.finish(train.targets, select_hard(confidence, train.active, config.hard_ratio))
             hard_data = load_within_budget(config.hard_data_path, config.memory_budget_mb)
         stats.hard_count = int(distributed.global_sum(len(hard_data)))
+        stats.collect_flops = distributed.global_sum(_collect_flops(block, train))
     stats.seconds = time.perf_counter() - started
     return hard_data, stats
+
+
+def _collect_flops(block: LEGOBlock, data: TrainingData) -> float:
+    """Forward FLOPs of `propagate` over `data`: every sequence with an active token is run (its kept tokens
+    for K/V), with head work only when the confidence is read off the logits."""
+    run_tokens = int(data.active.any(dim=1).sum()) * data.seq_len
+    n_logits = 0 if block.confidence_method == "learned" else len(data)
+    return block.forward_flops(len(data), run_tokens, data.seq_len, n_logits)
 
 
 def train_step(

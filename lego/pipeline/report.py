@@ -31,7 +31,7 @@ def format_results(results: dict, run_dir: Path | None = None) -> str:
         f"shallow ratio {results['shallow_ratio']:.1%}; compute cost {results['compute_cost']:.3f} "
         f"(honest, with K/V of kept tokens and the head: {results['honest_cost']:.3f}); measured speed-up over "
         f"full depth {_fmt(results.get('inference_speedup'), '.2f')}x",
-        f"training compute {results['train_flops'] / 1e12:.2f} TFLOP "
+        f"training compute {results['train_flops'] / 1e12:.2f} TFLOP (steps and hard-token collection) "
         f"({_fmt(results['train_flops_vs_dense'], '.2f')} x a dense pass over Block 0's tokens); "
         f"wall time {results['wall_seconds']:.0f}s",
     ]

@@ -121,11 +121,13 @@ def final_results(
             "hard_count": stage.get("hard_count"),
             "train_tokens": stage.get("train_tokens"),
             "train_flops": stage.get("train_flops"),
+            "collect_flops": stage.get("collect_flops", 0.0),
             "best_val_ppl": stage.get("best_val_ppl"),
             "seconds": stage.get("seconds"),
             "evals": stage.get("evals", []),
         })  # fmt: skip
-    train_flops = sum(stage.get("train_flops", 0.0) for stage in stages)
+    # training compute: the training steps plus each stage's hard-token collection forward
+    train_flops = sum(stage.get("train_flops", 0.0) + stage.get("collect_flops", 0.0) for stage in stages)
     first_stage_tokens = stages[0].get("train_tokens", 0)
     dense_reference = dense_compute_reference(model, first_stage_tokens, test_windows.shape[1] - 1)
     return {

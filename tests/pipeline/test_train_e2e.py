@@ -40,6 +40,17 @@ def test_hard_tokens_are_the_exact_ratio_of_training_tokens(tiny_run):
     assert hard.hidden_states.shape[-1] == 64
 
 
+def test_training_compute_counts_the_hard_token_collection(tiny_run):
+    results = json.loads((tiny_run / "results.json").read_text())
+    stages = [json.loads((tiny_run / f"stage_{k}" / "stats.json").read_text()) for k in (0, 1)]
+    # Block 0 scores every training token once (no head: the learned confidence), about a third of one
+    # training epoch's 3x forward with the head; the last block collects nothing
+    assert 0.1 * stages[0]["train_flops"] < stages[0]["collect_flops"] < 0.34 * stages[0]["train_flops"]
+    assert stages[1]["collect_flops"] == 0.0
+    total = sum(stage["train_flops"] + stage["collect_flops"] for stage in stages)
+    assert results["train_flops"] == total
+
+
 def test_stage_1_left_block_0_embedding_and_head_bit_identical(tiny_run):
     after_0 = load_file(str(tiny_run / "stage_0" / "model.safetensors"))
     final = load_file(str(tiny_run / "stage_1" / "model.safetensors"))
