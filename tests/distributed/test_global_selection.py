@@ -1,6 +1,8 @@
 """The global parts of a stage, with 2 gloo ranks on fixed inputs: hard-token selection, threshold
 calibration and validation sums must be exactly what one process computes on the whole data."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -80,7 +82,8 @@ def test_all_gather_variable_handles_empty_and_ragged_tensors(tmp_path):
         assert [p.tolist() for p in parts] == [[], [0, 1, 2]]
 
 
-def test_shards_reload_on_any_number_of_ranks(tmp_path):
+def saved_as_two_shards(tmp_path: Path) -> tuple[TrainingData, Path]:
+    """Random hidden-state data, written as 2 ranks' shards of `hard_tokens.safetensors`."""
     generator = torch.Generator().manual_seed(0)
     data = TrainingData(
         hidden_states=torch.randn(SEQUENCES, SEQ_LEN, 4, generator=generator),
@@ -90,10 +93,16 @@ def test_shards_reload_on_any_number_of_ranks(tmp_path):
     path = tmp_path / "hard_tokens.safetensors"
     for rank in range(2):
         data.shard(rank, 2).save(shard_path(path, rank, 2))
+    return data, path
 
-    def same(a: TrainingData, b: TrainingData) -> bool:
-        return all(torch.equal(x, y) for x, y in zip((a.hidden_states, a.targets, a.active),
-                                                     (b.hidden_states, b.targets, b.active), strict=True))  # fmt: skip
+
+def same(a: TrainingData, b: TrainingData) -> bool:
+    return all(torch.equal(x, y) for x, y in zip((a.hidden_states, a.targets, a.active),
+                                                 (b.hidden_states, b.targets, b.active), strict=True))  # fmt: skip
+
+
+def test_shards_reload_on_any_number_of_ranks(tmp_path):
+    data, path = saved_as_two_shards(tmp_path)
 
     assert same(load_shard(path, 2, 0, 1, None), data)  # 2 ranks -> 1: the global order back
     for rank in range(3):
@@ -105,21 +114,10 @@ def test_shards_reload_on_any_number_of_ranks(tmp_path):
 
 @pytest.mark.parametrize("budget_mb", [0.0, 0.0005])  # always stream; a budget of a few sequences per chunk
 def test_resharding_over_budget_streams_into_this_ranks_own_file(tmp_path, budget_mb):
-    generator = torch.Generator().manual_seed(1)
-    data = TrainingData(
-        hidden_states=torch.randn(SEQUENCES, SEQ_LEN, 4, generator=generator),
-        targets=torch.randint(0, 9, (SEQUENCES, SEQ_LEN), generator=generator),
-        active=torch.rand(SEQUENCES, SEQ_LEN, generator=generator) > 0.5,
-    )
-    path = tmp_path / "hard_tokens.safetensors"
-    for rank in range(2):
-        data.shard(rank, 2).save(shard_path(path, rank, 2))
+    data, path = saved_as_two_shards(tmp_path)
     for rank in range(3):
-        streamed = load_shard(path, 2, rank, 3, memory_budget_mb=budget_mb)
-        expected = data.shard(rank, 3)
+        assert same(load_shard(path, 2, rank, 3, memory_budget_mb=budget_mb), data.shard(rank, 3))
         assert shard_path(path, rank, 3).is_file()  # written a chunk at a time, then mapped
-        assert torch.equal(streamed.hidden_states, expected.hidden_states)
-        assert torch.equal(streamed.active, expected.active) and torch.equal(streamed.targets, expected.targets)
 
 
 def test_load_within_budget_maps_only_what_is_too_big(tmp_path, monkeypatch):
