@@ -135,9 +135,9 @@ def _param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(modules: list[nn.Module], config: FitConfig, sharded: bool = False) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters of `modules`. The fused kernel (CPU and CUDA): its update costs
-    the same at any share of hard tokens, so at 10 % of them the loop-of-kernels version alone adds ~10 %
-    to a step. Sharded (FSDP) and plain tensors together take the simple per-parameter loop."""
+    """AdamW over the trainable parameters of `modules`, with the fused kernel (CPU and CUDA): the update
+    costs the same whatever the share of hard tokens, so a slow one weighs most on steps over few of them
+    (experiments/bench_train_hard.py). Sharded (FSDP) and plain tensors together take the per-parameter loop."""
     groups = _param_groups(modules, config.weight_decay)
     kernel = {"foreach": False} if sharded else {"fused": True}
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), **kernel)
