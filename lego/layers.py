@@ -105,9 +105,11 @@ class CausalSelfAttention(nn.Module):
         """Dense causal attention over (batch, seq, dim)."""
         batch, seq_len, dim = x.shape
         qkv = self.wqkv(x).view(batch, seq_len, 3 * self.num_heads, self.head_dim)
-        qk = apply_rope(qkv[:, :, : 2 * self.num_heads], rope.cos[:seq_len], rope.sin[:seq_len])  # q, k at once
+        # split, not two slices: its backward is one concatenation, not two zero-filled copies and a sum
+        qk, v = qkv.split([2 * self.num_heads, self.num_heads], dim=2)
+        qk = apply_rope(qk, rope.cos[:seq_len], rope.sin[:seq_len])  # q, k at once
         q, k = qk.transpose(1, 2).split(self.num_heads, dim=1)
-        v = qkv[:, :, 2 * self.num_heads :].transpose(1, 2)
+        v = v.transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, dim))
 
