@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import subprocess
 import sys
@@ -115,6 +116,41 @@ def best_under(scan: list[dict], budget: float) -> dict | None:
     return min(fitting, key=lambda row: row["test_ppl"]) if fitting else None
 
 
+def why(runs: dict[str, dict], dense_flops: float) -> list[str]:
+    """Where each LEGO run's training compute goes, and how well its exit decision works: the evidence
+    for why a run misses the goal."""
+    lines = [
+        "",
+        "## Why: where the training compute goes, and how good the exits are",
+        "",
+        "Training FLOPs per part, over the dense baseline's. *Block 0* trains on every token with the shared "
+        "head; *collection* scores the training tokens after each stage but the last; *later blocks* train on "
+        "hard tokens (their kept context tokens still cost K/V). *exit@0* is the share of test tokens leaving "
+        "at Block 0 against the calibration target (1 - hard_ratio); *PPL exited / went on* compares the tokens "
+        "Block 0 let go with those it passed on, scored by the block they exited at.",
+        "",
+        "| method | Block 0 | collection | later blocks | total | exit@0 (target) | PPL exited / went on |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in runs.items():
+        if not name.startswith("lego"):
+            continue
+        blocks = r["blocks"]
+        first, later = blocks[0]["train_flops"], sum(b["train_flops"] for b in blocks[1:])
+        collect = sum(b.get("collect_flops", 0.0) for b in blocks)
+        went_on = [b for b in blocks[1:] if b["exit_count"]]
+        went_on_ppl = math.exp(
+            sum(math.log(b["ppl"]) * b["exit_count"] for b in went_on) / sum(b["exit_count"] for b in went_on)
+        )
+        target = 1 - blocks[0]["hard_ratio"]
+        lines.append(
+            f"| {name} | {first / dense_flops:.2f} | {collect / dense_flops:.2f} | {later / dense_flops:.2f} | "
+            f"{r['train_flops'] / dense_flops:.2f} | {blocks[0]['exit_rate']:.1%} ({target:.0%}) | "
+            f"{blocks[0]['ppl']:.1f} / {went_on_ppl:.1f} |"
+        )
+    return lines
+
+
 def report(runs: dict[str, dict], out: Path, report_path: Path, command: str) -> str:
     dense = min((runs[name] for name in DENSE_RUNS if name in runs), key=lambda r: r["test_ppl_full_depth"])
     dense_flops = dense["train_flops"]
@@ -173,6 +209,7 @@ def report(runs: dict[str, dict], out: Path, report_path: Path, command: str) ->
             f"{point['test_ppl']:.2f} ({gap:+.1%} vs dense; honest cost {point['honest_cost']:.3f}), "
             f"training compute {training:.2f} x dense."
         )
+    lines += why(runs, dense_flops)
     lines += ["", f"![PPL vs compute]({report_path.stem}_ppl_vs_compute.png)", ""]
     curves = {name: r["threshold_scan"] for name, r in runs.items()}
     points = {f"{name} (calibrated)": r for name, r in runs.items() if name.startswith("lego")}

@@ -67,3 +67,9 @@ def test_compare_methods_quick(tmp_path, monkeypatch):
     assert "| dense |" in text and "| lego r=0.5 |" in text and "lego r=0.5**" in text
     assert report.read_text() == text
     assert (tmp_path / "results_ppl_vs_compute.png").stat().st_size > 1000
+    why = text.split("## Why")[1]
+    row = next(line for line in why.splitlines() if line.startswith("| lego r=0.5 |"))
+    block_0, collection, later, total = (float(cell) for cell in row.split("|")[2:6])
+    assert collection > 0 and later > 0
+    assert abs(block_0 + collection + later - total) <= 0.015  # the parts add up (each rounded to 0.01)
+    assert "(50%)" in row  # the calibration target of hard_ratio 0.5
