@@ -43,6 +43,14 @@ METHODS: dict[str, list[str]] = {
     "lego r=0.5": ["+experiment=compare_lego", "hard_ratio.value=0.5"],
     "lego r=0.7": ["+experiment=compare_lego", "hard_ratio.value=0.7"],
     "lego 3 blocks r=0.5": ["+experiment=compare_lego3", "hard_ratio.value=0.5"],
+    # a 1-layer Block 0: the split that can fit the training-compute goal (Block 0 and the head on every
+    # token cost 0.62 x dense training with 2 of 4 layers, see the report's "Why" table)
+    "lego 1+3 r=0.3": [
+        "+experiment=compare_lego",
+        "hard_ratio.value=0.3",
+        "block_schedule.blocks.0.layers=1",
+        "block_schedule.blocks.1.layers=3",
+    ],  # fmt: skip
     "universal lpt": ["+experiment=compare_lpt"],
     "universal asymmetric": ["+experiment=compare_asymmetric"],
     "universal lr decreasing": ["+experiment=compare_lr_decreasing"],
