@@ -162,10 +162,11 @@ def why(runs: dict[str, dict], dense_flops: float) -> list[str]:
 def report(runs: dict[str, dict], out: Path, report_path: Path, command: str) -> str:
     dense = min((runs[name] for name in DENSE_RUNS if name in runs), key=lambda r: r["test_ppl_full_depth"])
     dense_flops = dense["train_flops"]
+    shown = out.resolve().relative_to(REPO) if out.resolve().is_relative_to(REPO) else out
     lines = [
         "# Results: LEGO vs dense and Universal baselines",
         "",
-        f"Made by `{command}` (runs in `{out}`; `--report-only {out}` rewrites this file from them).",
+        f"Made by `{command}` (runs in `{shown}`; `--report-only {shown}` rewrites this file from them).",
         f"Corpus: {dense['data']['source']}, {dense['data']['tokens']['train']:,} training tokens, "
         f"{dense['test_tokens']:,} test tokens, vocab {dense['data']['vocab_size']:,}; "
         f"every model {dense['parameters'] / 1e6:.2f}M parameters, 4 layers.",
