@@ -76,18 +76,22 @@ def plot_ppl_vs_compute(
     Scan points are labelled with their target exit share when the rows have one, so the trade-off can be read
     off directly.
     """
-    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
+    fig = Figure(figsize=(9, 5), layout="constrained")
     ax = fig.add_subplot()
+    colors = {}
     for label, rows in curves.items():
         xs = [_number(row.get(x)) for row in rows]
         ys = [_number(row.get("test_ppl")) for row in rows]
-        ax.plot(xs, ys, marker="o", label=label)
+        (line,) = ax.plot(xs, ys, marker="o", label=label)
+        colors[label] = line.get_color()
         for row, px, py in zip(rows, xs, ys, strict=True):
             if row.get("target_exit_share") is not None:
                 ax.annotate(
                     f"{row['target_exit_share']:.0%}", (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8
                 )
     for label, point in (points or {}).items():
+        # "<curve> (calibrated)" takes its curve's colour
+        curve = next((name for name in colors if label.startswith(f"{name} (")), None)
         ax.plot(
             [_number(point.get(x))],
             [_number(point.get("test_ppl"))],
@@ -95,13 +99,14 @@ def plot_ppl_vs_compute(
             markersize=16,
             linestyle="",
             label=label,
+            **({"color": colors[curve], "markeredgecolor": "black"} if curve else {}),
         )
     ax.set_xlabel(X_LABELS.get(x, x))
     ax.set_ylabel("test perplexity")
     labelled = any(row.get("target_exit_share") is not None for rows in curves.values() for row in rows)
     ax.set_title("Test perplexity vs compute" + (" (labels: target exit share)" if labelled else ""))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
 
 
