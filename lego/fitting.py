@@ -291,11 +291,24 @@ def route(
     if stream_to is None:
         hidden, _, should_exit = propagate(block, data, embedding, batch_size)
         return TrainingData(hidden, data.targets, data.active & ~should_exit)
-    dtype = next(block.parameters()).dtype
-    with HiddenStateWriter(stream_to, data.num_sequences, data.seq_len, block.dim, dtype) as out:
-        _, _, should_exit = propagate(block, data, embedding, batch_size, out=out.hidden)
-        out.finish(data.targets, data.active & ~should_exit)
+    _propagate_to_file(block, data, embedding, batch_size, stream_to, lambda _, exits: data.active & ~exits)
     return TrainingData.load(stream_to, mmap=True)
+
+
+def _propagate_to_file(
+    block: LEGOBlock,
+    data: TrainingData,
+    embedding: nn.Embedding | None,
+    batch_size: int,
+    path: str | Path,
+    next_active: Callable[[Tensor, Tensor], Tensor],
+) -> None:
+    """`propagate` straight into a TrainingData file (never whole in memory); its active mask is
+    `next_active(confidence, should_exit)`."""
+    dtype = next(block.parameters()).dtype
+    with HiddenStateWriter(path, data.num_sequences, data.seq_len, block.dim, dtype) as out:
+        _, confidence, should_exit = propagate(block, data, embedding, batch_size, out=out.hidden)
+        out.finish(data.targets, next_active(confidence, should_exit))
 
 
 def fit_block(
@@ -355,6 +368,9 @@ def fit_block(
             state["bad_evals"] += 1
         return state["bad_evals"] >= config.patience
 
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    replicated = [p for p in params if not is_sharded(p)]  # FSDP reduce-scatters the sharded ones itself
+    clip = clip_grad_norm if sharded else torch.nn.utils.clip_grad_norm_
     block.train()
     stop = state["step"] >= total_steps
     while not stop and state["epoch"] < config.epochs:
@@ -376,10 +392,8 @@ def fit_block(
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            params = [p for group in optimizer.param_groups for p in group["params"]]
             if world > 1:
-                _sum_gradients([p for p in params if not is_sharded(p)])  # FSDP reduce-scattered the rest
-            clip = clip_grad_norm if sharded else torch.nn.utils.clip_grad_norm_
+                _sum_gradients(replicated)
             grad_norm = clip(params, config.grad_clip)
             optimizer.step()
             scheduler.step()
@@ -429,10 +443,11 @@ def fit_block(
             hidden, confidence, _ = propagate(block, train, embedding, config.eval_batch_size)
             hard_data = TrainingData(hidden, train.targets, select_hard(confidence, train.active, config.hard_ratio))
         else:  # streamed: the next stage's inputs go straight to disk, come back in memory or memory-mapped
-            dtype = next(block.parameters()).dtype
-            with HiddenStateWriter(config.hard_data_path, train.num_sequences, train.seq_len, block.dim, dtype) as out:
-                _, confidence, _ = propagate(block, train, embedding, config.eval_batch_size, out=out.hidden)
-                out.finish(train.targets, select_hard(confidence, train.active, config.hard_ratio))
+
+            def pick_hard(confidence: Tensor, _: Tensor) -> Tensor:
+                return select_hard(confidence, train.active, config.hard_ratio)
+
+            _propagate_to_file(block, train, embedding, config.eval_batch_size, config.hard_data_path, pick_hard)
             hard_data = load_within_budget(config.hard_data_path, config.memory_budget_mb)
         stats.hard_count = int(distributed.global_sum(len(hard_data)))
         stats.collect_flops = distributed.global_sum(_collect_flops(block, train))

@@ -95,13 +95,7 @@ def full_tensors(obj: Any) -> Any:
 def shard_like(state: dict[str, Tensor], reference: dict[str, Any]) -> dict[str, Tensor]:
     """Full tensors of `state` cut into this rank's shards wherever `reference` holds a DTensor (loading a
     full checkpoint into sharded modules or optimizer state, on any number of ranks)."""
-    out = {}
-    for key, value in state.items():
-        ref = reference.get(key)
-        if isinstance(ref, DTensor) and isinstance(value, Tensor) and not isinstance(value, DTensor):
-            value = distribute_tensor(value.to(ref.device), ref.device_mesh, ref.placements)
-        out[key] = value
-    return out
+    return {key: _shard_as(value, reference.get(key)) for key, value in state.items()}
 
 
 def shard_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
@@ -111,13 +105,19 @@ def shard_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> dict
     state = {}
     for index, moments in saved["state"].items():
         param = params[int(index)]
+        # moments shaped like the parameter are sharded like it; the scalar step count is not
         state[index] = {
-            key: distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
-            if isinstance(param, DTensor) and isinstance(value, Tensor) and value.shape == param.shape
-            else value
+            key: _shard_as(value, param) if getattr(value, "shape", None) == param.shape else value
             for key, value in moments.items()
         }
     return {**saved, "state": state}
+
+
+def _shard_as(value: Any, like: Any) -> Any:
+    """A full tensor `value` cut into this rank's shard the way `like` (a DTensor) is; anything else as is."""
+    if isinstance(like, DTensor) and isinstance(value, Tensor) and not isinstance(value, DTensor):
+        return distribute_tensor(value.to(like.device), like.device_mesh, like.placements)
+    return value
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> Tensor:

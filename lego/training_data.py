@@ -196,6 +196,17 @@ def shard_path(path: str | Path, rank: int, world: int) -> Path:
     return path if world == 1 else path.with_name(f"{path.stem}.rank{rank}-of{world}{path.suffix}")
 
 
+def exceeds_budget(nbytes: float, memory_budget_mb: float | None) -> bool:
+    """True when `nbytes` of stage data should be streamed from disk rather than held in memory
+    (`memory_budget_mb`: None = no budget, 0 = always stream)."""
+    return memory_budget_mb is not None and nbytes > memory_budget_mb * 2**20
+
+
+def dump_bytes(sequences: int, seq_len: int, dim: int, itemsize: int = 4) -> int:
+    """Size of a hidden-state TrainingData: `itemsize * dim` per token for the states, 9 for target and mask."""
+    return sequences * seq_len * (itemsize * dim + 9)
+
+
 def load_within_budget(path: str | Path, memory_budget_mb: float | None) -> TrainingData:
     """A TrainingData file read into memory when it fits `memory_budget_mb`, memory-mapped otherwise.
 
@@ -203,8 +214,8 @@ def load_within_budget(path: str | Path, memory_budget_mb: float | None) -> Trai
     dump is larger than the budget streams it from disk with bounded owned memory. `None`: no budget
     (always read), 0: always stream.
     """
-    size_mb = Path(path).stat().st_size / 2**20 if Path(path).is_file() else 0.0
-    return TrainingData.load(path, mmap=memory_budget_mb is not None and size_mb > memory_budget_mb)
+    size = Path(path).stat().st_size if Path(path).is_file() else 0  # a missing file: load() names it
+    return TrainingData.load(path, mmap=exceeds_budget(size, memory_budget_mb))
 
 
 def load_shard(
@@ -236,14 +247,15 @@ def load_shard(
         return out
 
     first = saved[0]
-    bytes_per_sequence = first.inputs[:1].numel() * first.inputs.element_size() + 9 * first.seq_len
-    fits = memory_budget_mb is None or len(wanted) * bytes_per_sequence <= memory_budget_mb * 2**20
-    if fits or first.hidden_states is None:  # token ids (Block 0's data) are small: always in memory
-        return TrainingData(gather("hidden_states"), gather("targets"), gather("active"), gather("input_ids"))
-    own = shard_path(path, rank, world)
+    if first.hidden_states is None:  # token ids (Block 0's data) are small: always in memory
+        return TrainingData(None, gather("targets"), gather("active"), gather("input_ids"))
     dim, dtype = first.hidden_states.shape[-1], first.hidden_states.dtype
+    bytes_per_sequence = dump_bytes(1, first.seq_len, dim, first.hidden_states.element_size())
+    if not exceeds_budget(len(wanted) * bytes_per_sequence, memory_budget_mb):
+        return TrainingData(gather("hidden_states"), gather("targets"), gather("active"))
+    own = shard_path(path, rank, world)
     with HiddenStateWriter(own, len(wanted), first.seq_len, dim, dtype) as writer:
-        chunk = max(1, int(memory_budget_mb * 2**20 // max(bytes_per_sequence, 1)))
+        chunk = max(1, int(memory_budget_mb * 2**20 // bytes_per_sequence))
         for start in range(0, len(wanted), chunk):
             rows = slice(start, start + chunk)
             writer.hidden[rows] = gather("hidden_states", rows=rows)

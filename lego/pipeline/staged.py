@@ -24,7 +24,7 @@ from lego.pipeline.config import RunConfig, fit_config, hard_ratios
 from lego.pipeline.files import load_weights, read_json, save_weights, write_json
 from lego.pipeline.progress import StageProgress
 from lego.pipeline.tracking import Tracker
-from lego.training_data import TrainingData, load_shard, shard_path
+from lego.training_data import TrainingData, dump_bytes, exceeds_budget, load_shard, shard_path
 
 
 @dataclass
@@ -90,16 +90,10 @@ def train_staged(
         if not last:
             # Validation for the next stage: the tokens inference would send on (threshold routing).
             routed_path = shard_path(stage_dir / "val_routed.safetensors", rank, world)
-            stream = _exceeds_budget(
-                val.num_sequences * val.seq_len * (4 * block.dim + 9), run.trainer.memory_budget_mb
-            )
+            stream = exceeds_budget(dump_bytes(val.num_sequences, val.seq_len, block.dim), run.trainer.memory_budget_mb)
             val = route(block, val, embedding, run.trainer.eval_batch_size, routed_path if stream else None)
             train = hard
     return results
-
-
-def _exceeds_budget(nbytes: int, memory_budget_mb: float | None) -> bool:
-    return memory_budget_mb is not None and nbytes > memory_budget_mb * 2**20
 
 
 def _total_steps(data: TrainingData, batch_size: int, epochs: int, max_steps: int | None) -> int:
