@@ -22,6 +22,44 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+class RMSNorm(nn.RMSNorm):
+    """`nn.RMSNorm` (same parameters and state dict) with a faster backward on the CPU.
+
+    PyTorch fuses RMSNorm's forward on every device but its backward only on accelerators; on the CPU
+    autograd differentiates the composite formula, about 3x slower than LayerNorm's fused backward. The
+    CPU path here reuses that fused LayerNorm backward: with the mean fixed at zero it computes RMSNorm's
+    gradient except for one term, `-rstd * mean(grad * weight)`, which is added back with a matrix-vector
+    product. It covers float32/float64; other dtypes, other devices and torch.compile run the plain module.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        fast = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and self.weight is not None
+        if not fast or torch.compiler.is_compiling():
+            return super().forward(x)
+        return _CPURMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class _CPURMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float | None) -> Tensor:
+        out, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, weight, rstd = ctx.saved_tensors
+        need_x, need_weight = ctx.needs_input_grad[:2]
+        # LayerNorm's gradient at mean 0: rstd * (g*w - mean(g*w) - x_hat * mean(g*w * x_hat)).
+        grad_x, grad_weight, _ = torch.ops.aten.native_layer_norm_backward(
+            grad, x, [x.shape[-1]], torch.zeros_like(rstd), rstd, weight, None, [need_x, need_weight, False]
+        )
+        if grad_x is not None:  # RMSNorm's gradient has no mean(g*w) term: add it back
+            grad_x.add_(rstd * (grad @ weight).unsqueeze(-1), alpha=1.0 / x.shape[-1])
+        return grad_x, grad_weight, None
+
+
 def swiglu_hidden_dim(dim: int, multiple_of: int = 64) -> int:
     """Llama's FFN width: 2/3 of 4*dim (same parameter count as a 4*dim GELU MLP), rounded up."""
     hidden = int(2 * 4 * dim / 3)
@@ -130,6 +168,30 @@ class CausalSelfAttention(nn.Module):
         return self.wo(out.index_select(0, layout.padded_index))
 
 
+class _SwiGLUProduct(torch.autograd.Function):
+    """silu(gate) * up from the fused `(..., 2*hidden)` projection. The backward writes both halves of the
+    gradient into one buffer; autograd's `chunk` would concatenate two separate ones (a full extra copy)."""
+
+    @staticmethod
+    def forward(ctx, gate_up: Tensor) -> Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        activated = F.silu(gate)
+        ctx.save_for_backward(gate_up, activated)
+        return activated * up
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        gate_up, activated = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        grad_gate_up = torch.empty_like(gate_up)
+        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+        torch.mul(grad, activated, out=grad_up)
+        torch.mul(grad, up, out=grad_gate)
+        torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+        return grad_gate_up
+
+
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
@@ -137,8 +199,7 @@ class SwiGLU(nn.Module):
         self.w_down = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
-        return self.w_down(F.silu(gate) * up)
+        return self.w_down(_SwiGLUProduct.apply(self.w_gate_up(x)))
 
 
 class TransformerLayer(nn.Module):
@@ -146,9 +207,9 @@ class TransformerLayer(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, hidden_dim: int, norm_eps: float = 1e-5) -> None:
         super().__init__()
-        self.attn_norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.attn_norm = RMSNorm(dim, eps=norm_eps)
         self.attn = CausalSelfAttention(dim, num_heads)
-        self.ffn_norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.ffn_norm = RMSNorm(dim, eps=norm_eps)
         self.ffn = SwiGLU(dim, hidden_dim)
 
     def forward(self, x: Tensor, rope: RotaryEmbedding) -> Tensor:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lego.layers import RotaryEmbedding, SparseLayout, TransformerLayer, layer_token_flops, swiglu_hidden_dim
+from lego.layers import RMSNorm, RotaryEmbedding, SparseLayout, TransformerLayer, layer_token_flops, swiglu_hidden_dim
 
 if TYPE_CHECKING:
     from lego.fitting import FitConfig, FitStats
@@ -94,7 +94,7 @@ class LEGOBlock(nn.Module):
         self.layers = nn.ModuleList(
             TransformerLayer(dim, num_heads, self.hidden_dim, norm_eps) for _ in range(num_layers)
         )
-        self.norm_out = nn.RMSNorm(dim, eps=norm_eps)
+        self.norm_out = RMSNorm(dim, eps=norm_eps)
         self.exit_classifier = nn.Linear(dim, 1)
         self.register_buffer("threshold_", torch.tensor(float(threshold)))
         self._head: tuple[nn.Linear, ...] = ()  # a plain tuple: not registered as a submodule
