@@ -36,8 +36,9 @@ def random_mask(share: float, batch: int, seq: int, gen: torch.Generator) -> tor
     return mask.view(batch, seq)
 
 
-def median_seconds(points: Iterable[Hashable], run: Callable[[Hashable], None], repeats: int) -> dict:
-    """Median wall time of `run(point)` per point, timed round robin after a warm-up call each."""
+def interleaved_seconds(points: Iterable[Hashable], run: Callable[[Hashable], None], repeats: int) -> dict:
+    """Wall times of `run(point)`, `repeats` per point, timed round robin after a warm-up call each:
+    entry i of every list comes from the same round."""
     points = list(points)
     times: dict = {point: [] for point in points}
     for point in points:
@@ -47,4 +48,9 @@ def median_seconds(points: Iterable[Hashable], run: Callable[[Hashable], None], 
             start = time.perf_counter()
             run(point)
             times[point].append(time.perf_counter() - start)
-    return {point: statistics.median(t) for point, t in times.items()}
+    return times
+
+
+def median_seconds(points: Iterable[Hashable], run: Callable[[Hashable], None], repeats: int) -> dict:
+    """Median wall time of `run(point)` per point, timed round robin after a warm-up call each."""
+    return {point: statistics.median(t) for point, t in interleaved_seconds(points, run, repeats).items()}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from experiments import bench_block, bench_dense_peer, bench_inference, bench_train_hard
+from experiments import bench_block, bench_dense_peer, bench_inference, bench_layer_ops, bench_train_hard
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -37,6 +37,14 @@ def test_bench_dense_peer():
         ["--dim", "32", "--heads", "2", "--layers", "1", "--seq", "16", "--batch", "2", "--repeats", "1"]
     )
     assert result["ratio"] > 0
+    low, high = result["ratio_quartiles"]
+    assert low <= result["ratio"] <= high
+
+
+def test_bench_layer_ops():
+    result = bench_layer_ops.main(["--dim", "32", "--seq", "16", "--batch", "2", "--repeats", "2"])
+    assert set(result) == {"rmsnorm_speedup", "rmsnorm_vs_layernorm", "swiglu_speedup"}
+    assert all(ratio > 0 for ratio in result.values())
 
 
 def test_bench_data(monkeypatch):
