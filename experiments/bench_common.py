@@ -57,3 +57,8 @@ def interleaved_seconds(points: Iterable[Hashable], run: Callable[[Hashable], No
 def median_seconds(points: Iterable[Hashable], run: Callable[[Hashable], None], repeats: int) -> dict:
     """Median wall time of `run(point)` per point, timed round robin after a warm-up call each."""
     return {point: statistics.median(t) for point, t in interleaved_seconds(points, run, repeats).items()}
+
+
+def per_round_ratios(times: dict, ours: Hashable, other: Hashable) -> list[float]:
+    """`other`'s time over `ours` in each round of `interleaved_seconds`: above 1, ours was faster."""
+    return [theirs / mine for mine, theirs in zip(times[ours], times[other], strict=True)]

@@ -22,7 +22,7 @@ import time
 import torch
 from torch import nn
 
-from experiments.bench_common import interleaved_seconds, size_parser
+from experiments.bench_common import interleaved_seconds, per_round_ratios, size_parser
 from lego import LEGOBlock
 
 
@@ -45,13 +45,17 @@ class PeerStack(nn.Module):
         return self.encoder(x, mask=self.mask, is_causal=True)
 
 
+def peer_equal_hidden_dim(dim: int) -> int:
+    """The SwiGLU width (a multiple of 8) whose three matrices hold what the peer's 4*dim GELU MLP holds."""
+    return 8 * round(2 * 4 * dim / 3 / 8)
+
+
 class LegoStack(nn.Module):
     """One LEGOBlock's layers, run dense (every token active), without its exit classifier and head."""
 
     def __init__(self, dim: int, heads: int, layers: int, seq: int) -> None:
         super().__init__()
-        hidden = 8 * round(2 * 4 * dim / 3 / 8)  # the peer's parameter count
-        self.block = LEGOBlock(dim, heads, layers, hidden_dim=hidden, max_seq_len=seq)
+        self.block = LEGOBlock(dim, heads, layers, hidden_dim=peer_equal_hidden_dim(dim), max_seq_len=seq)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.block.layers:
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{name:>28}: {rate[name]:>10,.0f} tokens/s  ({params[name] / 1e6:.2f}M params; "
             f"first call {first_call[name]:.2f} s, then a median {seconds[name]:.3f} s per step)"
         )
-    per_round = [peer / ours for ours, peer in zip(times["lego"], times["nn.TransformerEncoderLayer"], strict=True)]
+    per_round = per_round_ratios(times, "lego", "nn.TransformerEncoderLayer")
     ratio = statistics.median(per_round)
     low, _, high = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else (ratio, ratio, ratio)
     rounds = len(per_round)

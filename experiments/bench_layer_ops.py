@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.bench_common import interleaved_seconds, size_parser
+from experiments.bench_common import interleaved_seconds, per_round_ratios, size_parser
+from experiments.bench_dense_peer import peer_equal_hidden_dim
 from lego.layers import RMSNorm, swiglu
 
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = size_parser(__doc__, layers=1, repeats=40).parse_args(argv)
     torch.manual_seed(0)
     tokens = args.batch * args.seq
-    hidden = 8 * round(2 * 4 * args.dim / 3 / 8)  # bench_dense_peer's FFN width
+    hidden = peer_equal_hidden_dim(args.dim)  # bench_dense_peer's FFN width
     x = torch.randn(tokens, args.dim, requires_grad=True)
     gate_up = torch.randn(tokens, 2 * hidden, requires_grad=True)
     grad_x, grad_h = torch.randn(tokens, args.dim), torch.randn(tokens, hidden)
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:>22}: {statistics.median(t) * 1e3:8.3f} ms")
 
     def speedup(ours: str, plain: str) -> float:
-        return statistics.median(p / o for o, p in zip(times[ours], times[plain], strict=True))
+        return statistics.median(per_round_ratios(times, ours, plain))
 
     result = {
         "rmsnorm_speedup": speedup("RMSNorm (lego)", "nn.RMSNorm"),

@@ -45,8 +45,8 @@ class RMSNorm(nn.RMSNorm):
 
 
 def _inverse_rms(x: Tensor, eps: float | None) -> Tensor:
-    """1 / sqrt(mean(x^2) + eps) over the last dim: one `vector_norm` pass, much faster on the CPU than
-    squaring, averaging (and aten's CPU `_fused_rms_norm`)."""
+    """1 / sqrt(mean(x^2) + eps) over the last dim. One `vector_norm` pass over x (the rest is per row):
+    on the CPU much faster than squaring x and averaging, or than aten's `_fused_rms_norm`."""
     eps = torch.finfo(x.dtype).eps if eps is None else eps
     return torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1] + eps)
 
