@@ -8,15 +8,16 @@ work starts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lego.data import DataConfig, TokenizerConfig
 from lego.errors import ConfigError, check_one_of
-from lego.fitting import FitConfig
+from lego.fitting import DUMP_DTYPES, FitConfig
 from lego.model import LEGOConfig
 
 METHODS = ("lego", "universal")
@@ -64,6 +65,9 @@ class HardRatioConf:
     per_block: list[float] | None = None  # one ratio per block but the last; overrides `value`
 
 
+DUMP_MODES = ("keep", "delete", "none")  # trainer.dump
+
+
 @dataclass
 class TrainerConf:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -77,6 +81,11 @@ class TrainerConf:
     memory_budget_mb: float | None = 1024.0
     fsdp: bool = False  # under torchrun: FSDP2-shard the trained block's layers (params, grads, AdamW state)
     progress: bool = True
+    # Each stage's hard-token dump (stage_<k>/hard_tokens.safetensors, the next stage's inputs): keep it; delete
+    # it once the next stage is complete; or none: never write it (the next stage's inputs stay in memory and a
+    # resume recomputes them from the token ids by running the frozen blocks).
+    dump: str = "keep"
+    dump_dtype: str = "bfloat16"  # the dump's hidden states: bfloat16 (half the bytes, docs/benchmarks.md) | float32
 
 
 @dataclass
@@ -112,11 +121,73 @@ def register_configs() -> None:
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """The typed, validated config."""
+    check_known_keys(cfg)
     run = OmegaConf.to_object(cfg)
     if not isinstance(run, RunConfig):
         raise ConfigError("the config does not derive from base_config; keep `base_config` first in conf/config.yaml")
     validate(run)
     return run
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """A ConfigError naming every key no schema knows (`+model.dimm=3`), with the nearest known key.
+
+    Hydra's `+key=value` adds a key even to a typed node, and `OmegaConf.to_object` then drops it silently, so a
+    typo would train with the default. One node is free-form here: `universal` (a `dict[str, Any]`, read only by
+    `method=universal`, whose own schema, `experiments.universal.config.from_dict`, rejects unknown keys when
+    training starts); with any other method it must stay empty.
+    """
+    known: list[str] = []
+    unknown: list[tuple[str, list[str]]] = []  # (key, its siblings' keys)
+    _collect_keys(cfg, "", known, unknown)
+    errors = [_unknown_key_message(key, siblings, known) for key, siblings in unknown]
+    if cfg.get("method") != "universal" and cfg.get("universal"):
+        errors.append(f"universal.{next(iter(cfg.universal))} is read only by method=universal; drop it or set that")
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
+def _collect_keys(node: Any, prefix: str, known: list[str], unknown: list[tuple[str, list[str]]]) -> None:
+    """Sort the keys under a typed node into `known` (its dataclass's fields) and `unknown`, recursively."""
+    if not isinstance(node, (DictConfig, ListConfig)) or node._is_none() or node._is_missing():
+        return  # a value, null or ???
+    if node._is_interpolation():
+        return  # checked where it points to
+    if isinstance(node, ListConfig):
+        for index in range(len(node)):
+            _collect_keys(node._get_node(index), f"{prefix.rstrip('.')}[{index}].", known, unknown)
+        return
+    schema = OmegaConf.get_type(node)
+    if schema is None or not is_dataclass(schema):
+        return  # a free-form dict
+    names = [f.name for f in fields(schema)]
+    for key, value in node.items_ex(resolve=False):
+        if key in names:
+            known.append(f"{prefix}{key}")
+            _collect_keys(value, f"{prefix}{key}.", known, unknown)
+        else:
+            unknown.append((f"{prefix}{key}", [f"{prefix}{name}" for name in names]))
+
+
+def _unknown_key_message(key: str, siblings: list[str], known: list[str]) -> str:
+    """`unknown config key model.dimm (did you mean model.dim?)`: a close sibling first, else a close key elsewhere."""
+    leaf = _leaf(key)
+    near = _closest(leaf, siblings, cutoff=0.6) or _closest(leaf, known, cutoff=0.8)
+    hint = f"did you mean {near}?" if near else "no such key; `python train.py --cfg job` prints every key"
+    return f"unknown config key {key} ({hint})"
+
+
+def _leaf(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def _closest(leaf: str, keys: list[str], cutoff: float) -> str | None:
+    """The first of `keys` whose last part is nearest to `leaf` (difflib), None when none is close enough."""
+    by_leaf: dict[str, str] = {}
+    for key in keys:
+        by_leaf.setdefault(_leaf(key), key)
+    match = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=cutoff)
+    return by_leaf[match[0]] if match else None
 
 
 def validate(run: RunConfig) -> None:
@@ -154,6 +225,8 @@ def validate(run: RunConfig) -> None:
             raise ConfigError(f"trainer.threshold_scan has {share}: exit shares must be in [0, 1)")
     if run.trainer.eval_batch_size < 1:
         raise ConfigError("trainer.eval_batch_size must be positive")
+    check_one_of("trainer.dump", run.trainer.dump, DUMP_MODES)
+    check_one_of("trainer.dump_dtype", run.trainer.dump_dtype, tuple(DUMP_DTYPES))
     if run.trainer.memory_budget_mb is not None and run.trainer.memory_budget_mb < 0:
         raise ConfigError(
             f"trainer.memory_budget_mb={run.trainer.memory_budget_mb} is negative; use MB >= 0 (0: always stream) "

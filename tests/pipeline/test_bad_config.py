@@ -26,6 +26,33 @@ def test_out_of_range_values_fail_before_any_work(tmp_path, cache_dir, override,
     assert not run_dir.exists()
 
 
+UNKNOWN = {
+    "+model.foo=1": "unknown config key model.foo (no such key;",
+    "+model.dimm=3": "unknown config key model.dimm (did you mean model.dim?)",
+    "+block_schedule.blocks.0.lrr=0.1": "block_schedule.blocks[0].lrr (did you mean block_schedule.blocks[0].lr?)",
+    "+model.seq_len=64": "unknown config key model.seq_len (did you mean data.seq_len?)",
+    "+seeed=3": "unknown config key seeed (did you mean seed?)",
+}
+
+
+@pytest.mark.parametrize(
+    "overrides,messages",
+    [
+        (list(UNKNOWN), list(UNKNOWN.values())),
+        (["+universal.preset=lpt"], ["universal.preset is read only by method=universal"]),
+    ],
+)
+def test_unknown_keys_fail_before_any_work(tmp_path, cache_dir, overrides, messages):
+    """`+key=value` adds a key that Hydra's typed nodes lack; it must not be dropped silently."""
+    run_dir = tmp_path / "run"
+    proc = run_train("+experiment=tiny", f"hydra.run.dir={run_dir}", *overrides, cache_dir=cache_dir, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert all(message in lines[0] for message in messages), lines[0]
+    assert not run_dir.exists()
+
+
 def test_wrong_type_is_rejected_by_the_schema(tmp_path, cache_dir):
     proc = run_train("+experiment=tiny", f"hydra.run.dir={tmp_path / 'run'}", "model.dim=wide", cache_dir=cache_dir)
     assert proc.returncode != 0
