@@ -19,7 +19,7 @@ TARGET_SPEEDUP = 10.0
 
 def timed_prepare(cache_dir: str) -> tuple[float, dict]:
     start = time.perf_counter()
-    prepared = prepare_data(DataConfig(), TokenizerConfig(), seed=0, cache_dir=cache_dir, progress=False)
+    prepared = prepare_data(DataConfig(), TokenizerConfig(), cache_dir=cache_dir, progress=False)
     return time.perf_counter() - start, prepared.summary
 
 

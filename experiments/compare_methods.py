@@ -1,246 +1,379 @@
-"""LEGO vs dense and Universal baselines, same width, depth, corpus and token budget: one command.
+"""LEGO vs dense: several seeds at several token budgets, same width, depth, corpus and evaluation.
 
-Runs `train.py` once per method (sequentially, each in its own run directory; finished runs are
-skipped, so an interrupted comparison resumes), then writes a markdown report and a PPL-vs-compute
-plot with one curve per method (each trained model's threshold scan):
+One command runs the whole study (sequentially or `--jobs N` at a time, each run in its own directory;
+finished runs are skipped, so a killed study re-run resumes where it stopped), then writes the sweep
+report (`python -m lego.report`: summary.csv, summary_by_config.csv, report.html) into the study folder
+and a markdown verdict with an isoFLOP plot into docs/:
 
-    python experiments/compare_methods.py                       # outputs/compare/, docs/results.md
-    python experiments/compare_methods.py --report-only outputs/compare
+    python experiments/compare_methods.py                        # outputs/compare/, docs/results.md
+    python experiments/compare_methods.py --report-only          # rewrite the report from finished runs
     python experiments/compare_methods.py --quick --out /tmp/c --report /tmp/c/results.md   # smoke size
 
-The goal LEGO is chasing: test PPL within 5 % of the dense baseline at <= 0.75 of its inference compute
-and <= 0.8 of its training compute. The report says, per LEGO run, whether it gets there and by how much.
+Every run of a method differs only in `seed` (model initialisation and data order; the train/val/test
+split has its own fixed `data.split_seed`), so the spread over seeds is the noise floor of a comparison.
+Budgets are training tokens: one pass over the first N training tokens, or two passes over half of them
+where the corpus (about 964k training tokens) runs out. Each verdict compares LEGO with dense at equal
+training FLOPs (dense's PPL interpolated on its own FLOPs-vs-PPL curve) and at equal inference cost.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import os
 import re
+import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from omegaconf import OmegaConf
-
-from lego.data import prepare_data
-from lego.model import LEGOTransformer
-from lego.pipeline.config import RunConfig, model_config, to_run_config
-from lego.pipeline.evaluation import measure_speedup
-from lego.pipeline.files import load_weights
-from lego.pipeline.plots import plot_ppl_vs_compute
+from lego.pipeline.files import read_json
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Method:
+    overrides: tuple[str, ...]
+    blocks: int  # schedule entries whose epochs a budget sets
+    budgets: tuple[str, ...] | None = None  # None: every budget of the study
+
+
 DENSE = "dense"
-DENSE_RUNS = (DENSE, "dense, one block")  # the goal is checked against the better of the two
-# name -> train.py overrides; the experiment files hold the shared settings (conf/experiment/compare_*.yaml)
-METHODS: dict[str, list[str]] = {
-    DENSE: ["+experiment=compare_dense"],
-    "dense, one block": ["+experiment=compare_dense_block"],
-    "lego r=0.3": ["+experiment=compare_lego", "hard_ratio.value=0.3"],
-    "lego r=0.5": ["+experiment=compare_lego", "hard_ratio.value=0.5"],
-    "lego r=0.7": ["+experiment=compare_lego", "hard_ratio.value=0.7"],
-    "lego 3 blocks r=0.5": ["+experiment=compare_lego3", "hard_ratio.value=0.5"],
-    # a 1-layer Block 0: the split that can fit the training-compute goal (Block 0 and the head on every
-    # token cost 0.62 x dense training with 2 of 4 layers, see the report's "Why" table)
-    "lego 1+3 r=0.3": [
-        "+experiment=compare_lego",
-        "hard_ratio.value=0.3",
-        "block_schedule.blocks.0.layers=1",
-        "block_schedule.blocks.1.layers=3",
-    ],  # fmt: skip
-    "universal lpt": ["+experiment=compare_lpt"],
-    "universal asymmetric": ["+experiment=compare_asymmetric"],
-    "universal lr decreasing": ["+experiment=compare_lr_decreasing"],
+LEGO_ONE_THREE = ("+experiment=compare_lego", "block_schedule.blocks.0.layers=1", "block_schedule.blocks.1.layers=3")
+METHODS: dict[str, Method] = {
+    # the like-for-like baseline: one 4-layer block through LEGO's own training code
+    DENSE: Method(("+experiment=compare_dense_block",), 1),
+    "lego r=0.3": Method(("+experiment=compare_lego", "hard_ratio.value=0.3"), 2),
+    "lego r=0.5": Method(("+experiment=compare_lego", "hard_ratio.value=0.5"), 2),
+    # a 1-layer Block 0: the split that can fit the training-compute goal
+    "lego 1+3 r=0.3": Method((*LEGO_ONE_THREE, "hard_ratio.value=0.3"), 2),
+    # the same dense architecture through the Universal framework's joint trainer (Standard preset): only at
+    # the compare budget, to measure the gap between the two dense code paths against the seed noise
+    "dense (Universal Standard)": Method(("+experiment=compare_dense",), 4, budgets=("400k",)),
 }
-QUICK = ["model.dim=32", "model.num_heads=2", "tokenizer=bytes", "data.seq_len=32", "data.max_train_tokens=8000",
-         "data.max_eval_tokens=2000", "trainer.threshold_scan=[0.0,0.5]", "wandb=disabled"]  # fmt: skip
-GOAL = {"ppl_gap": 0.05, "inference": 0.75, "training": 0.8}
+# budget name -> (max_train_tokens, epochs)
+BUDGETS: dict[str, tuple[int, int]] = {
+    "200k": (200_000, 1),
+    "400k": (400_000, 1),
+    "800k": (800_000, 1),
+    "1.6M": (800_000, 2),
+}
+SEEDS = (0, 1, 2)
+QUICK = ("model.dim=32", "model.num_heads=2", "tokenizer=bytes", "data.seq_len=32", "data.max_eval_tokens=2000",
+         "trainer.threshold_scan=[0.0,0.5]", "trainer.eval_batch_size=16", "wandb=disabled")  # fmt: skip
+QUICK_BUDGETS = {"200k": (4_000, 1), "400k": (8_000, 1), "800k": (16_000, 1), "1.6M": (16_000, 2)}
+# files a finished run does not need for its report (a stage dump is up to 1 GB)
+DISPOSABLE = ("hard_tokens*.safetensors", "val_routed*.safetensors", "checkpoint.pt")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "compare", help="one run dir per method")
-    parser.add_argument("--report", type=Path, default=REPO / "docs" / "results.md")
-    parser.add_argument("--report-only", type=Path, metavar="DIR", help="only write the report from DIR's runs")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
-    parser.add_argument("--only", nargs="+", choices=list(METHODS), help="run a subset of the methods")
-    parser.add_argument(
-        "--remeasure-speedup", action="store_true", help="re-time each LEGO run's early exit (speedup.json)"
-    )
-    return parser.parse_args(argv)
+@dataclass(frozen=True)
+class Job:
+    method: str
+    budget: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{slug(self.method)}/{self.budget}/seed{self.seed}"
 
 
-def run_dir_name(name: str) -> str:
-    """A folder name Hydra accepts in an override (no spaces, commas or '=')."""
-    return re.sub(r"[^A-Za-z0-9.]+", "_", name.replace("=", ""))
+def slug(text: str) -> str:
+    """A folder name Hydra accepts in an override (no spaces, commas, parentheses or '=')."""
+    return re.sub(r"[^A-Za-z0-9.]+", "_", text.replace("=", "")).strip("_")
 
 
-def run_all(out: Path, quick: bool, only: list[str] | None) -> None:
-    for name, overrides in METHODS.items():
-        run_dir = out / run_dir_name(name)
-        if only and name not in only or (run_dir / "results.json").is_file():
-            continue
-        command = [sys.executable, str(REPO / "train.py"), *overrides, f"hydra.run.dir={run_dir}",
-                   "trainer.progress=false", *(QUICK if quick else [])]  # fmt: skip
-        print(f"== {name}: {' '.join(command[2:])}", flush=True)
-        subprocess.run(command, cwd=REPO, check=True)
-
-
-def load_runs(out: Path) -> dict[str, dict]:
-    runs = {}
-    for name in METHODS:
-        path = out / run_dir_name(name) / "results.json"
-        if path.is_file():
-            runs[name] = json.loads(path.read_text())
-            remeasured = path.with_name("speedup.json")
-            if remeasured.is_file():
-                runs[name]["inference_speedup"] = json.loads(remeasured.read_text())["inference_speedup"]
-    if DENSE not in runs:
-        raise SystemExit(f"error: no finished dense baseline in {out}; run the comparison first")
-    return runs
-
-
-def remeasure_speedup(run_dir: Path) -> float:
-    """Rebuild a finished LEGO run's final model and time its early exit against full depth on the test
-    batches, alternately (`lego.pipeline.evaluation.measure_speedup`); written to run_dir/speedup.json."""
-    run = to_run_config(
-        OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(run_dir / ".hydra/config.yaml"))
-    )
-    prepared = prepare_data(run.data, run.tokenizer, seed=run.seed, cache_dir=run.cache_dir, progress=False)
-    model = LEGOTransformer.from_config(model_config(run, prepared.vocab_size))
-    last_stage = max(run_dir.glob("stage_*"), key=lambda path: int(path.name.split("_")[1]))
-    load_weights(model, last_stage / "model.safetensors")  # thresholds are buffers: they come back too
-    speedup = measure_speedup(model, prepared.test, run.trainer.eval_batch_size, torch.device("cpu"))
-    (run_dir / "speedup.json").write_text(json.dumps({"inference_speedup": speedup}) + "\n")
-    return speedup
-
-
-def best_under(scan: list[dict], budget: float) -> dict | None:
-    """The lowest-PPL point (threshold scan or calibrated) whose honest cost fits the budget."""
-    fitting = [row for row in scan if row["honest_cost"] is not None and row["honest_cost"] <= budget]
-    return min(fitting, key=lambda row: row["test_ppl"]) if fitting else None
-
-
-def why(runs: dict[str, dict], dense_flops: float) -> list[str]:
-    """Where each LEGO run's training compute goes, and how well its exit decision works: the evidence
-    for why a run misses the goal."""
-    lines = [
-        "",
-        "## Why: where the training compute goes, and how good the exits are",
-        "",
-        "Training FLOPs per part, over the dense baseline's. *Block 0* trains on every token with the shared "
-        "head; *collection* scores the training tokens after each stage but the last; *later blocks* train on "
-        "hard tokens (their kept context tokens still cost K/V). *exit@0* is the share of test tokens leaving "
-        "at Block 0 against the calibration target (1 - hard_ratio); *PPL exited / went on* compares the tokens "
-        "Block 0 let go with those it passed on, scored by the block they exited at.",
-        "",
-        "| method | Block 0 | collection | later blocks | total | exit@0 (target) | PPL exited / went on |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+def jobs_for(methods: list[str], budgets: list[str], seeds: list[int]) -> list[Job]:
+    """Budget-major, then seed, then method: a study stopped early has whole budgets and balanced seeds."""
+    return [
+        Job(method, budget, seed)
+        for budget in budgets
+        for seed in seeds
+        for method in methods
+        if METHODS[method].budgets is None or budget in METHODS[method].budgets
     ]
-    for name, r in runs.items():
-        if not name.startswith("lego"):
+
+
+def job_overrides(job: Job, quick: bool) -> list[str]:
+    method = METHODS[job.method]
+    tokens, epochs = (QUICK_BUDGETS if quick else BUDGETS)[job.budget]
+    return [
+        *method.overrides,
+        f"data.max_train_tokens={tokens}",
+        *(f"block_schedule.blocks.{k}.epochs={epochs}" for k in range(method.blocks)),
+        f"seed={job.seed}",
+        *(QUICK if quick else ()),
+    ]
+
+
+def run_job(job: Job, out: Path, quick: bool, threads: int | None, keep_dumps: bool) -> str:
+    run_dir = out / job.name
+    if (run_dir / "results.json").is_file():
+        return f"{job.name}: done before, skipped"
+    command = [sys.executable, str(REPO / "train.py"), *job_overrides(job, quick), f"hydra.run.dir={run_dir}",
+               "trainer.progress=false", *([f"trainer.num_threads={threads}"] if threads else [])]  # fmt: skip
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "study.log", "a") as log:
+        done = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if done.returncode:
+        return f"{job.name}: FAILED (exit {done.returncode}); see {run_dir / 'study.log'}"
+    if not keep_dumps:
+        for pattern in DISPOSABLE:
+            for path in run_dir.glob(f"stage_*/{pattern}"):
+                path.unlink()
+    results = read_json(run_dir / "results.json")
+    return f"{job.name}: test PPL {results['test_ppl']:.2f}, {results['wall_seconds']:.0f}s"
+
+
+def run_all(jobs: list[Job], out: Path, quick: bool, parallel: int, keep_dumps: bool) -> None:
+    """Run the jobs, `parallel` at a time (each with cores / parallel threads); failures are reported,
+    not raised, so one broken run does not stop a study of hours."""
+    pending = [job for job in jobs if not (out / job.name / "results.json").is_file()]
+    print(f"{len(jobs)} runs, {len(jobs) - len(pending)} already finished, {len(pending)} to run", flush=True)
+    if not pending:
+        return
+    _warm_data_cache(pending[0], quick)  # parallel jobs then only read the tokenizer and token caches
+    threads = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else None
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        futures = [pool.submit(run_job, job, out, quick, threads, keep_dumps) for job in pending]
+        for i, future in enumerate(futures, 1):
+            print(f"[{i}/{len(pending)}] {future.result()}", flush=True)
+
+
+def _warm_data_cache(job: Job, quick: bool) -> None:
+    """Tokenize the corpus once, before any parallel job would race to fill the cache."""
+    from hydra import compose, initialize_config_dir
+
+    from lego.data import prepare_data
+    from lego.pipeline.config import register_configs, to_run_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        run = to_run_config(compose("config", overrides=job_overrides(job, quick)))
+    prepare_data(run.data, run.tokenizer, cache_dir=run.cache_dir, progress=False)
+
+
+# --- The verdicts ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stat:
+    """Mean, sample standard deviation and count of one metric over a config's seeds."""
+
+    mean: float
+    sd: float
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stat:
+        values = [v for v in values if v is not None and math.isfinite(v)]
+        if not values:
+            return cls(math.nan, math.nan, 0)
+        return cls(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan, len(values))
+
+    def __str__(self) -> str:
+        if self.n == 0:
+            return "-"
+        spread = f" ± {self.sd:.2f}" if math.isfinite(self.sd) else ""
+        return f"{self.mean:.2f}{spread} (n={self.n})"
+
+    @property
+    def se(self) -> float:
+        return self.sd / math.sqrt(self.n) if self.n > 1 else math.nan
+
+
+def verdict(lego: Stat, dense: Stat) -> str:
+    """'ahead' / 'behind' when the difference of means exceeds twice its standard error, else 'within noise'
+    (lower PPL is better)."""
+    if lego.n < 2 or dense.n < 2:
+        return "too few seeds to tell"
+    se = math.hypot(lego.se, dense.se)
+    diff = lego.mean - dense.mean
+    word = "within noise" if abs(diff) <= 2 * se else ("ahead" if diff < 0 else "behind")
+    return f"{word} ({diff / dense.mean:+.1%} ± {2 * se / dense.mean:.1%})"
+
+
+def interpolate_log(points: list[tuple[float, float]], x: float) -> float | None:
+    """y at x on the piecewise-linear curve through (log x, log y) points; None outside their range."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        if x0 <= x <= x1:
+            t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0)) if x1 > x0 else 0.0
+            return math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0)))
+    return None
+
+
+def group_runs(out: Path, jobs: list[Job]) -> dict[tuple[str, str], list[dict]]:
+    """Finished runs' results by (method, budget)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for job in jobs:
+        path = out / job.name / "results.json"
+        if path.is_file():
+            groups.setdefault((job.method, job.budget), []).append(read_json(path))
+    return groups
+
+
+def stat(runs: list[dict], key: str) -> Stat:
+    return Stat.of([run.get(key) for run in runs])
+
+
+def budget_lines(groups: dict[tuple[str, str], list[dict]], budgets: list[str]) -> list[str]:
+    """Per budget: the table (mean ± sd over seeds) and the LEGO-vs-dense verdicts."""
+    dense_curve = []  # (mean train FLOPs, mean test PPL) per budget, for the isoFLOP interpolation
+    for budget in budgets:
+        runs = groups.get((DENSE, budget))
+        if runs:
+            dense_curve.append((stat(runs, "train_flops").mean, stat(runs, "test_ppl").mean))
+    lines = []
+    for budget in budgets:
+        rows = [(method, groups[(method, budget)]) for method in METHODS if (method, budget) in groups]
+        if not rows:
             continue
-        blocks = r["blocks"]
-        first, later = blocks[0]["train_flops"], sum(b["train_flops"] for b in blocks[1:])
-        collect = sum(b.get("collect_flops", 0.0) for b in blocks)
-        went_on = [b for b in blocks[1:] if b["exit_count"]]
-        went_on_ppl = math.exp(
-            sum(math.log(b["ppl"]) * b["exit_count"] for b in went_on) / sum(b["exit_count"] for b in went_on)
-        )
-        target = 1 - blocks[0]["hard_ratio"]
-        lines.append(
-            f"| {name} | {first / dense_flops:.2f} | {collect / dense_flops:.2f} | {later / dense_flops:.2f} | "
-            f"{r['train_flops'] / dense_flops:.2f} | {blocks[0]['exit_rate']:.1%} ({target:.0%}) | "
-            f"{blocks[0]['ppl']:.1f} / {went_on_ppl:.1f} |"
-        )
+        tokens, epochs = BUDGETS[budget]
+        lines += [
+            f"### {budget} training tokens ({tokens:,} tokens x {epochs} epoch{'s' if epochs > 1 else ''})",
+            "",
+            "| method | seeds | test PPL | full depth PPL | honest cost | train FLOPs vs dense | speed-up (median) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        dense = groups.get((DENSE, budget))
+        dense_flops = stat(dense, "train_flops").mean if dense else math.nan
+        for method, runs in rows:
+            flops = Stat.of([run["train_flops"] / dense_flops for run in runs])
+            speedup = stat(runs, "inference_speedup") if method.startswith("lego") else Stat(math.nan, math.nan, 0)
+            lines.append(
+                f"| {method} | {len(runs)} | {stat(runs, 'test_ppl')} | {stat(runs, 'test_ppl_full_depth')} | "
+                f"{stat(runs, 'honest_cost')} | {flops} | {speedup} |"
+            )
+        lines.append("")
+        if not dense:
+            lines += ["No finished dense run at this budget: no verdict.", ""]
+            continue
+        dense_ppl = stat(dense, "test_ppl")
+        for method, runs in rows:
+            if not method.startswith("lego"):
+                continue
+            calibrated, full = stat(runs, "test_ppl"), stat(runs, "test_ppl_full_depth")
+            flops = stat(runs, "train_flops").mean
+            iso = interpolate_log(dense_curve, flops)
+            iso_text = (
+                f"dense interpolated to LEGO's {flops / dense_flops:.2f}x FLOPs: {iso:.2f}, LEGO "
+                f"{verdict(calibrated, Stat(iso, dense_ppl.sd, dense_ppl.n))}"
+                if iso is not None
+                else f"LEGO's {flops / dense_flops:.2f}x dense FLOPs is outside the dense runs' range"
+            )
+            lines.append(
+                f"- **{method}**: at equal training FLOPs, {iso_text}. At equal inference cost (full depth, honest "
+                f"cost 1.0 like dense): {verdict(full, dense_ppl)}. With early exit (honest cost "
+                f"{stat(runs, 'honest_cost').mean:.2f}) against dense at 1.0: {verdict(calibrated, dense_ppl)}."
+            )
+        lines.append("")
     return lines
 
 
-def report(runs: dict[str, dict], out: Path, report_path: Path, command: str) -> str:
-    dense = min((runs[name] for name in DENSE_RUNS if name in runs), key=lambda r: r["test_ppl_full_depth"])
-    dense_flops = dense["train_flops"]
-    shown = out.resolve().relative_to(REPO) if out.resolve().is_relative_to(REPO) else out
-    lines = [
-        "# Results: LEGO vs dense and Universal baselines",
+def dense_gap_lines(groups: dict[tuple[str, str], list[dict]]) -> list[str]:
+    universal = groups.get(("dense (Universal Standard)", "400k"))
+    lego_path = groups.get((DENSE, "400k"))
+    if not universal or not lego_path:
+        return []
+    a, b = stat(lego_path, "test_ppl"), stat(universal, "test_ppl")
+    return [
+        "### The two dense baselines",
         "",
-        f"Made by `{command}` (runs in `{shown}`; `--report-only {shown}` rewrites this file from them).",
-        f"Corpus: {dense['data']['source']}, {dense['data']['tokens']['train']:,} training tokens, "
-        f"{dense['test_tokens']:,} test tokens, vocab {dense['data']['vocab_size']:,}; "
-        f"every model {dense['parameters'] / 1e6:.2f}M parameters, 4 layers.",
+        f"At 400k tokens the same 4-layer architecture scores test PPL {a} through LEGO's training code and {b} "
+        f"through the Universal joint trainer (Standard preset): Universal is "
+        f"{verdict(b, a).replace('ahead', 'better').replace('behind', 'worse')} against LEGO's path.",
         "",
-        "PPL is test perplexity with each method's calibrated early exit; *full depth* is the same model with "
-        "no early exit. *compute* is the original metric (layers used), *honest* counts every FLOP of "
-        "inference (K/V of kept tokens, attention, head) over the dense forward. *speed-up* is measured wall "
-        "time of full-depth forwards over early-exit forwards of the same model on the same test batches, "
-        "timed alternately (LEGO runs; the Universal runs barely exit at their 0.95 threshold). Training compute "
-        "is counted FLOPs over the dense baseline's: training steps (3x forward, K/V of context tokens "
-        "included) plus, for LEGO, each stage's forward over its training data that scores the next "
-        "block's hard tokens (validation passes are not counted, for any method); wall time is the sum of "
-        "the stages on a 2-core CPU.",
-        "",
-        "| method | test PPL | full depth PPL | acc | val PPL | shallow | compute | honest | speed-up "
-        "| train FLOPs vs dense | train s | PPL vs dense |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, r in runs.items():
-        train_s = sum(s or 0.0 for s in r["stage_seconds"])
-        speedup = r.get("inference_speedup")
-        lines.append(
-            f"| {name} | {r['test_ppl']:.2f} | {r['test_ppl_full_depth']:.2f} | {r['test_acc']:.3f} | "
-            f"{r['val_ppl']:.2f} | {r['shallow_ratio']:.1%} | {r['compute_cost']:.3f} | {r['honest_cost']:.3f} | "
-            f"{f'{speedup:.2f}x' if speedup and r['method'] == 'lego' else '-'} | "
-            f"{r['train_flops'] / dense_flops:.2f} | {train_s:.0f} | "
-            f"{r['test_ppl'] / dense['test_ppl'] - 1:+.1%} |"
-        )
-    lines += ["", "## The goal: within 5 % of dense PPL at <= 0.75 inference and <= 0.8 training compute", ""]
-    reference = dense["test_ppl_full_depth"]
-    lines.append(
-        f"Reference: the better dense baseline ({dense['experiment_name']}), test PPL {reference:.2f}; "
-        "*PPL vs dense* and training compute above are relative to it."
-    )
-    lines.append("")
-    for name, r in runs.items():
-        if not name.startswith("lego"):
-            continue
-        calibrated = {"test_ppl": r["test_ppl"], "honest_cost": r["honest_cost"]}
-        point = best_under([*r["threshold_scan"], calibrated], GOAL["inference"])
-        training = r["train_flops"] / dense_flops
-        if point is None:
-            lines.append(f"- **{name}**: no threshold-scan point at honest cost <= {GOAL['inference']}.")
-            continue
-        gap = point["test_ppl"] / reference - 1
-        verdict = "meets" if gap <= GOAL["ppl_gap"] and training <= GOAL["training"] else "misses"
-        lines.append(
-            f"- **{name}** {verdict} the goal: best PPL at honest cost <= {GOAL['inference']} is "
-            f"{point['test_ppl']:.2f} ({gap:+.1%} vs dense; honest cost {point['honest_cost']:.3f}), "
-            f"training compute {training:.2f} x dense."
-        )
-    lines += why(runs, dense_flops)
-    lines += ["", f"![PPL vs compute]({report_path.stem}_ppl_vs_compute.png)", ""]
-    curves = {name: r["threshold_scan"] for name, r in runs.items()}
-    points = {f"{name} (calibrated)": r for name, r in runs.items() if name.startswith("lego")}
-    plot_ppl_vs_compute(curves, report_path.with_name(f"{report_path.stem}_ppl_vs_compute.png"), points=points)
+
+
+def plot_isoflop(groups: dict[tuple[str, str], list[dict]], budgets: list[str], path: Path) -> Path:
+    """Test PPL against training FLOPs, one line per method over the budgets, error bars = seed sd."""
+    from lego.report.plots import plot_series
+
+    series = {}
+    for method in METHODS:
+        points = []
+        for budget in budgets:
+            runs = groups.get((method, budget))
+            if runs:
+                flops, ppl = stat(runs, "train_flops"), stat(runs, "test_ppl")
+                points.append({"x": flops.mean, "y": ppl.mean, "xerr": flops.sd, "yerr": ppl.sd, "label": budget})
+        if points:
+            series[method] = points
+    return plot_series(
+        series, path, xlabel="training FLOPs (steps + hard-token collection)", ylabel="test PPL (early exit)",
+        title="Test PPL vs training compute (error bars: sd over seeds)", log_x=True,
+    )  # fmt: skip
+
+
+def report(out: Path, jobs: list[Job], budgets: list[str], report_path: Path, command: str) -> str:
+    groups = group_runs(out, jobs)
+    if not any(method == DENSE for method, _ in groups):
+        raise SystemExit(f"error: no finished dense run in {out}; run the study first")
+    plot_path = report_path.with_name(f"{report_path.stem}_isoflop.png")
+    plot_isoflop(groups, budgets, plot_path)
+    shown = out.resolve().relative_to(REPO) if out.resolve().is_relative_to(REPO) else out
+    any_run = next(iter(groups.values()))[0]
+    lines = [
+        "# Results: LEGO vs dense over seeds and token budgets",
+        "",
+        f"Made by `{command}` (runs in `{shown}`; `--report-only` rewrites this file and the sweep report "
+        f"`{shown}/report.html` from them).",
+        f"Corpus: {any_run['data']['source']}, test set {any_run['test_tokens']:,} tokens (the same for every run: "
+        f"`data.split_seed` is fixed), vocab {any_run['data']['vocab_size']:,}; every model dim 256, 4 layers.",
+        "",
+        "Each cell is the mean ± sample standard deviation over seeds (n runs). *test PPL* uses each run's "
+        "calibrated early exit, *full depth* the same model with no exit. *honest cost* counts every inference "
+        "FLOP (K/V of kept tokens, attention, head) over the dense forward. *train FLOPs vs dense* counts "
+        "training steps plus, for LEGO, the forward that scores the next block's hard tokens. *speed-up* is the "
+        "median over alternating timing rounds of full-depth over early-exit wall time (mean of the runs' "
+        "medians). A verdict calls LEGO *ahead* or *behind* only when the difference of means exceeds twice "
+        "its standard error (shown as ±); otherwise *within noise*.",
+        "",
+        f"![test PPL vs training FLOPs]({plot_path.name})",
+        "",
+        *budget_lines(groups, budgets),
+        *dense_gap_lines(groups),
+    ]
+    missing = [job.name for job in jobs if (job.method, job.budget) not in groups]
+    if missing:
+        lines += [f"Not run yet ({len(missing)} runs): the study resumes them when re-run.", ""]
     text = "\n".join(lines)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(text)
     return text
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "compare", help="the study folder")
+    parser.add_argument("--report", type=Path, default=REPO / "docs" / "results.md")
+    parser.add_argument("--report-only", action="store_true", help="only write the reports from finished runs")
+    parser.add_argument("--runs-only", action="store_true", help="only run (or resume) the study, no reports")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--budgets", nargs="+", choices=list(BUDGETS), default=list(BUDGETS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cores / jobs threads)")
+    parser.add_argument("--keep-dumps", action="store_true", help="keep each stage's hard-token dump")
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
-    out = args.report_only or args.out
+    jobs = jobs_for(args.methods, args.budgets, args.seeds)
     if not args.report_only:
-        run_all(out, args.quick, args.only)
-    if args.remeasure_speedup:
-        for name in METHODS:
-            run_dir = out / run_dir_name(name)
-            if (run_dir / "results.json").is_file() and name not in DENSE_RUNS and name.startswith("lego"):
-                print(f"{name}: early exit {remeasure_speedup(run_dir):.2f}x faster than full depth")
+        run_all(jobs, args.out, args.quick, args.jobs, args.keep_dumps)
+    if args.runs_only:
+        return ""
+    from lego.report import write_report
+
+    write_report([args.out], args.out, title="LEGO vs dense: seeds and budgets")
     command = "python experiments/compare_methods.py" + (" --quick" if args.quick else "")
-    text = report(load_runs(out), out, args.report, command)
+    text = report(args.out, jobs, args.budgets, args.report, command)
     print(text)
     return text
 

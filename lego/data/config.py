@@ -29,6 +29,7 @@ class DataConfig:
     val_fraction: float = 0.05  # share of spans held out for early stopping / calibration
     test_fraction: float = 0.05  # share of spans held out for the final report only
     span_chars: int = 20000  # documents are cut into contiguous spans of about this many characters
+    split_seed: int = 0  # deals spans to train/val/test; independent of the run's `seed` (model init, data order)
 
     def validate(self) -> None:
         """Reject values that cannot work before any file is read."""

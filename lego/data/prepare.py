@@ -63,9 +63,12 @@ class PreparedData:
 
 
 def prepare_data(
-    data: DataConfig, tokenizer: TokenizerConfig, *, seed: int, cache_dir: str | Path, progress: bool = True
+    data: DataConfig, tokenizer: TokenizerConfig, *, cache_dir: str | Path, progress: bool = True
 ) -> PreparedData:
-    """Load, split, tokenize and window the configured corpus, reusing cached work from earlier runs."""
+    """Load, split, tokenize and window the configured corpus, reusing cached work from earlier runs.
+
+    The split depends on `data.split_seed` only, never on the run's model seed: every seed and method of a
+    comparison is scored on the same held-out tokens."""
     data.validate()
     tokenizer.validate()
     cache_dir = Path(cache_dir).expanduser()
@@ -73,7 +76,9 @@ def prepare_data(
 
     documents = load_documents(data, cache_dir, progress=progress)
     # `_fingerprint` is how `datasets` itself identifies a dataset's content in its cache.
-    split_key = cache_key("split", documents._fingerprint, seed, data.val_fraction, data.test_fraction, data.span_chars)
+    split_key = cache_key(
+        "split", documents._fingerprint, data.split_seed, data.val_fraction, data.test_fraction, data.span_chars
+    )
 
     @functools.cache
     def split_texts() -> dict[str, list[str]]:
@@ -89,7 +94,7 @@ def prepare_data(
             raise DataError(
                 "the corpus contains no text (every document is empty); check data.files and data.text_column"
             )
-        index = assign_spans(len(spans), data.val_fraction, data.test_fraction, seed)
+        index = assign_spans(len(spans), data.val_fraction, data.test_fraction, data.split_seed)
         return {split: [spans[i] for i in index[split]] for split in SPLITS}
 
     t0 = time.perf_counter()

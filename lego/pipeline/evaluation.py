@@ -133,10 +133,12 @@ def threshold_scan(
 
 @torch.no_grad()
 def measure_speedup(
-    model: LEGOTransformer, windows: Tensor, batch_size: int, device, repeats: int = 3, max_batches: int = 8
-) -> float:
+    model: LEGOTransformer, windows: Tensor, batch_size: int, device, repeats: int = 9, max_batches: int = 8
+) -> dict:
     """Wall time of the forward at full depth over the forward with the current thresholds, on the same
-    batches, timed alternately (median of `repeats` rounds) so machine noise hits both alike."""
+    batches, in `repeats` alternating rounds (the order flips every round, so neither side always runs
+    first). Returns the median ratio with its quartiles and every round's ratio: one timing on a shared
+    machine cannot tell 1.1x from noise, the spread can."""
     model.eval()
     batches = [b[:, :-1].to(device) for b in windows.split(batch_size)[:max_batches]]
     thresholds = [block.threshold for block in model.blocks]
@@ -149,10 +151,17 @@ def measure_speedup(
             model(batch)
         return time.perf_counter() - start
 
+    ratios = []
     try:
         timed(True), timed(False)  # warm-up
-        rounds = [(timed(False), timed(True)) for _ in range(repeats)]
+        for round_ in range(repeats):
+            if round_ % 2:
+                routed, full = timed(True), timed(False)
+            else:
+                full, routed = timed(False), timed(True)
+            ratios.append(full / routed)
     finally:
         for block, threshold in zip(model.blocks, thresholds, strict=True):
             block.threshold = threshold
-    return statistics.median(full / routed for full, routed in rounds)
+    q25, median, q75 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return {"median": median, "q25": q25, "q75": q75, "rounds": ratios}

@@ -9,6 +9,11 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _spread(iqr: list[float] | None) -> str:
+    """' (quartiles 1.10-1.25x)' for a timed ratio's spread over its rounds."""
+    return "" if not iqr else f" (quartiles {iqr[0]:.2f}-{iqr[1]:.2f}x)"
+
+
 def format_results(results: dict, run_dir: Path | None = None) -> str:
     rows = [
         f"{'block':>5} {'layers':>6} {'threshold':>9} {'reached':>9} {'exits':>9} {'rate':>6} "
@@ -30,7 +35,7 @@ def format_results(results: dict, run_dir: Path | None = None) -> str:
         f"val PPL {results['val_ppl']:.2f} (acc {results['val_acc']:.3f})",
         f"shallow ratio {results['shallow_ratio']:.1%}; compute cost {results['compute_cost']:.3f} "
         f"(honest, with K/V of kept tokens and the head: {results['honest_cost']:.3f}); measured speed-up over "
-        f"full depth {_fmt(results.get('inference_speedup'), '.2f')}x",
+        f"full depth {_fmt(results.get('inference_speedup'), '.2f')}x{_spread(results.get('inference_speedup_iqr'))}",
         f"training compute {results['train_flops'] / 1e12:.2f} TFLOP (steps and hard-token collection) "
         f"({_fmt(results['train_flops_vs_dense'], '.2f')} x a dense pass over Block 0's tokens); "
         f"wall time {results['wall_seconds']:.0f}s",

@@ -60,7 +60,7 @@ def run_experiment(run: RunConfig, resolved: dict, run_dir: Path, group: str | N
     if rank > 0:
         distributed.barrier()  # rank 0 fills the data cache first, the others then read it
     prepared = prepare_data(
-        run.data, run.tokenizer, seed=run.seed, cache_dir=run.cache_dir, progress=run.trainer.progress
+        run.data, run.tokenizer, cache_dir=run.cache_dir, progress=run.trainer.progress
     )
     if rank == 0:
         distributed.barrier()
@@ -129,6 +129,8 @@ def final_results(
     # training compute: the training steps plus each stage's hard-token collection forward
     train_flops = sum(stage.get("train_flops", 0.0) + stage.get("collect_flops", 0.0) for stage in stages)
     first_stage_tokens = stages[0].get("train_tokens", 0)
+    # wall time of full-depth forwards over routed ones on the same test batches, alternating rounds
+    speedup = measure_speedup(model, test_windows, batch, device)
     dense_reference = dense_compute_reference(model, first_stage_tokens, test_windows.shape[1] - 1)
     return {
         "method": run.method,
@@ -151,8 +153,9 @@ def final_results(
         "train_flops_vs_dense": train_flops / dense_reference if dense_reference else None,
         "threshold_scan": scan,
         "test_seconds": test["seconds"],
-        # wall time of full-depth forwards over routed ones on the same test batches, timed alternately
-        "inference_speedup": measure_speedup(model, test_windows, batch, device),
+        "inference_speedup": speedup["median"],
+        "inference_speedup_iqr": [speedup["q25"], speedup["q75"]],
+        "inference_speedup_rounds": speedup["rounds"],
         "confidence_histograms": test["confidence_histograms"],
         "test_tokens": test["tokens"],
     }

@@ -12,7 +12,7 @@ from lego.errors import DataError
 def fails(data, tokenizer, cache_dir, match):
     """Run prepare_data, expect a one-line DataError matching `match`, and check the cache is clean."""
     with pytest.raises(DataError, match=match) as error:
-        prepare_data(data, tokenizer, seed=0, cache_dir=cache_dir, progress=False)
+        prepare_data(data, tokenizer, cache_dir=cache_dir, progress=False)
     message = str(error.value)
     assert "\n" not in message and len(message) < 400, message
     assert not list(cache_dir.rglob("*.tmp"))
@@ -104,7 +104,7 @@ def test_interrupted_run_leaves_no_cache_entry(tmp_path, small_txt, make_data, m
     monkeypatch.setattr(prepare_module, "_encode", encode_then_crash)
     with pytest.raises(KeyboardInterrupt):
         prepare_data(
-            make_data([small_txt]), TokenizerConfig(vocab_size=300), seed=0, cache_dir=tmp_path, progress=False
+            make_data([small_txt]), TokenizerConfig(vocab_size=300), cache_dir=tmp_path, progress=False
         )
     assert [p.parent.name for p in tmp_path.glob("tok*/*")] == ["tokenizers"]  # complete, so kept
     assert not list(tmp_path.rglob("*.tmp"))

@@ -16,7 +16,7 @@ from lego.data import DataConfig, TokenizerConfig, format_summary, prepare_data
 def austen(tmp_path_factory):
     """The default config, cold, exactly as a fresh install would run it (offline)."""
     return prepare_data(
-        DataConfig(), TokenizerConfig(), seed=0, cache_dir=tmp_path_factory.mktemp("cache"), progress=False
+        DataConfig(), TokenizerConfig(), cache_dir=tmp_path_factory.mktemp("cache"), progress=False
     )
 
 
@@ -58,7 +58,7 @@ def test_splits_are_disjoint_and_tokenizer_sees_train_only(tmp_path, small_txt, 
 
     monkeypatch.setattr(prepare_module, "train_bpe", spy)
     data = make_data([small_txt], val_fraction=0.1, test_fraction=0.1)
-    prepared = prepare_data(data, TokenizerConfig(vocab_size=300), seed=0, cache_dir=tmp_path, progress=False)
+    prepared = prepare_data(data, TokenizerConfig(vocab_size=300), cache_dir=tmp_path, progress=False)
 
     def line_numbers(text):  # whole lines only: a window boundary may cut the last line of a split
         return {line[:10] for line in text.splitlines() if re.fullmatch(r"line \d{5}: .* dog", line)}
@@ -75,7 +75,7 @@ def test_splits_are_disjoint_and_tokenizer_sees_train_only(tmp_path, small_txt, 
 
 def test_deterministic_across_cache_dirs(tmp_path, small_txt, make_data, byte_tok):
     runs = [
-        prepare_data(make_data([small_txt]), byte_tok, seed=seed, cache_dir=tmp_path / str(i), progress=False)
+        prepare_data(make_data([small_txt], split_seed=seed), byte_tok, cache_dir=tmp_path / str(i), progress=False)
         for i, seed in enumerate((7, 7, 8))
     ]
     for split in ("train", "val", "test"):
@@ -91,13 +91,13 @@ def test_cache_reuse(tmp_path, small_txt, make_data, monkeypatch):
     monkeypatch.setattr(prepare_module, "_encode", lambda *a, **k: calls.append(2) or real_encode(*a, **k))
     tok = TokenizerConfig(vocab_size=300)
 
-    cold = prepare_data(make_data([small_txt]), tok, seed=0, cache_dir=tmp_path, progress=False)
+    cold = prepare_data(make_data([small_txt]), tok, cache_dir=tmp_path, progress=False)
     assert calls == [1, 2, 2, 2]
     cached = sorted(p for p in tmp_path.rglob("*") if p.suffix in (".json", ".npz") and "datasets" not in p.parts)
     assert [p.parent.name for p in cached] == ["tokenizers", "tokens"]
     mtimes = [p.stat().st_mtime_ns for p in cached]
 
-    warm = prepare_data(make_data([small_txt], seq_len=8), tok, seed=0, cache_dir=tmp_path, progress=False)
+    warm = prepare_data(make_data([small_txt], seq_len=8), tok, cache_dir=tmp_path, progress=False)
     assert calls == [1, 2, 2, 2]  # neither retrained nor re-tokenized, although seq_len changed
     assert [p.stat().st_mtime_ns for p in cached] == mtimes
     assert warm.summary["tokenizer_cached"] and warm.summary["tokens_cached"]
@@ -107,7 +107,7 @@ def test_cache_reuse(tmp_path, small_txt, make_data, monkeypatch):
 
 def test_caps(tmp_path, small_txt, make_data, byte_tok):
     data = make_data([small_txt], max_train_tokens=170, max_eval_tokens=40)
-    prepared = prepare_data(data, byte_tok, seed=0, cache_dir=tmp_path, progress=False)
+    prepared = prepare_data(data, byte_tok, cache_dir=tmp_path, progress=False)
     assert prepared.train.shape == (10, 17) and prepared.val.shape == prepared.test.shape == (2, 17)
 
 
@@ -115,7 +115,7 @@ def test_text_file_is_one_document(tmp_path, make_data, byte_tok, numbered_lines
     for i in range(3):
         (tmp_path / f"doc{i}.txt").write_text(numbered_lines(100), encoding="utf-8")
     prepared = prepare_data(
-        make_data([tmp_path / "doc*.txt"]), byte_tok, seed=0, cache_dir=tmp_path / "c", progress=False
+        make_data([tmp_path / "doc*.txt"]), byte_tok, cache_dir=tmp_path / "c", progress=False
     )
     assert prepared.summary["documents"] == 3
     assert sum(prepared.summary["chars"].values()) == 3 * len(numbered_lines(100))
@@ -125,7 +125,7 @@ def test_jsonl_with_custom_column(tmp_path, make_data, byte_tok, numbered_lines)
     rows = [{"id": i, "body": numbered_lines(20)} for i in range(20)]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     data = make_data([tmp_path / "rows.jsonl"], text_column="body")
-    prepared = prepare_data(data, byte_tok, seed=0, cache_dir=tmp_path / "c", progress=False)
+    prepared = prepare_data(data, byte_tok, cache_dir=tmp_path / "c", progress=False)
     assert prepared.summary["documents"] == 20
     assert "line 00007" in prepared.tokenizer.decode(prepared.train.flatten().tolist())
 
@@ -133,7 +133,7 @@ def test_jsonl_with_custom_column(tmp_path, make_data, byte_tok, numbered_lines)
 def test_parquet(tmp_path, make_data, byte_tok, numbered_lines):
     datasets.Dataset.from_dict({"text": [numbered_lines(20)] * 20}).to_parquet(str(tmp_path / "rows.parquet"))
     prepared = prepare_data(
-        make_data([tmp_path / "rows.parquet"]), byte_tok, seed=0, cache_dir=tmp_path / "c", progress=False
+        make_data([tmp_path / "rows.parquet"]), byte_tok, cache_dir=tmp_path / "c", progress=False
     )
     assert prepared.summary["documents"] == 20
 
@@ -141,6 +141,6 @@ def test_parquet(tmp_path, make_data, byte_tok, numbered_lines):
 def test_tokenizer_from_file(tmp_path, small_txt, make_data, austen):
     austen.tokenizer.save(tmp_path / "tokenizer.json")
     tok = TokenizerConfig(kind="file", path=str(tmp_path / "tokenizer.json"))
-    prepared = prepare_data(make_data([small_txt]), tok, seed=0, cache_dir=tmp_path / "c", progress=False)
+    prepared = prepare_data(make_data([small_txt]), tok, cache_dir=tmp_path / "c", progress=False)
     assert prepared.vocab_size == 4096
     assert os.listdir(tmp_path / "c" / "tokens")
