@@ -46,6 +46,9 @@ if TYPE_CHECKING:
     from lego.model import BlockOutput, LEGOBlock
 
 
+DUMP_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # precisions of a written TrainingData
+
+
 @dataclass
 class FitConfig:
     """Per-stage training settings (the `block_schedule` config group fills one per block)."""
@@ -69,6 +72,7 @@ class FitConfig:
     seed: int = 0
     checkpoint_path: str | None = None  # resume an interrupted stage from its last evaluation
     hard_data_path: str | None = None  # write the hard tokens' TrainingData here, streamed (memory-mapped)
+    hard_data_dtype: str = "float32"  # ... with hidden states in this precision: float32 | bfloat16 (half the bytes)
     memory_budget_mb: float | None = 0.0  # ... and read it back into memory if it fits, else map it (None: read)
     bf16_autocast: bool = True  # training forward passes in bf16 autocast on CUDA; never used on the CPU
     fsdp: bool = False  # under torch.distributed: shard the block's layers while training (`lego.sharding`)
@@ -78,6 +82,8 @@ class FitConfig:
             raise ValueError(f"hard_ratio must be in (0, 1), got {self.hard_ratio}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs, batch_size and lr must be positive")
+        if self.hard_data_dtype not in DUMP_DTYPES:
+            raise ValueError(f"hard_data_dtype must be one of {', '.join(DUMP_DTYPES)}, got {self.hard_data_dtype!r}")
 
 
 @dataclass
@@ -107,17 +113,20 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
-def block_input(batch: TrainingData, embedding: nn.Embedding | None, device: torch.device) -> Tensor:
+def block_input(batch: TrainingData, embedding: nn.Embedding | None, weight: Tensor) -> Tensor:
+    """The block's input on the device and in the dtype of `weight` (a parameter of the block): hidden
+    states stored in lower precision (a bfloat16 dump) are widened back, so the block computes as it would
+    on the states it was handed in memory."""
     if batch.input_ids is not None:
         if embedding is None:
             raise ValueError("this TrainingData holds token ids: pass the embedding (Block 0's stage)")
-        return embedding(batch.input_ids.to(device))
-    return batch.hidden_states.to(device)
+        return embedding(batch.input_ids.to(weight.device))
+    return batch.hidden_states.to(device=weight.device, dtype=weight.dtype)
 
 
 def token_losses(out: BlockOutput, targets: Tensor) -> tuple[Tensor, Tensor]:
     """Per-token CE and correctness of the tokens that got logits, in `out.logits_index` order."""
-    picked = targets.reshape(-1).index_select(0, out.logits_index)
+    picked = targets.reshape(-1).index_select(0, out.logits_index).long()  # int32 when read from a file
     ce = F.cross_entropy(out.logits.float(), picked, reduction="none")
     return ce, out.logits.argmax(dim=-1) == picked
 
@@ -163,10 +172,11 @@ def evaluate(block: LEGOBlock, data: TrainingData, embedding: nn.Embedding | Non
     ranks' tokens, `confidence` is this rank's only (gather it where the whole set is needed)."""
     was_training = block.training
     block.eval()
-    device = next(block.parameters()).device
+    weight = block.exit_classifier.weight
+    device = weight.device
     total_ce, correct, count, confidences = 0.0, 0, 0, []
     for batch in data.batches(batch_size):
-        out = block.run(block_input(batch, embedding, device), batch.active.to(device), logits_for="active")
+        out = block.run(block_input(batch, embedding, weight), batch.active.to(device), logits_for="active")
         ce, right = token_losses(out, batch.targets.to(device))
         total_ce += float(ce.sum())
         correct += int(right.sum())
@@ -199,12 +209,12 @@ def propagate(
     `out` (e.g. a memory-mapped file) receives the hidden states instead of a new tensor."""
     was_training = block.training
     block.eval()
-    device = next(block.parameters()).device
+    weight = block.exit_classifier.weight
     if out is not None:
         hidden = out
         if data.hidden_states is not None:
             idle = ~data.active.any(dim=1)
-            hidden[idle] = data.hidden_states[idle]
+            hidden[idle] = data.hidden_states[idle].to(hidden.dtype)
     else:
         hidden = data.hidden_states.clone() if data.hidden_states is not None else None
     confidence = torch.zeros(data.targets.shape)
@@ -217,10 +227,10 @@ def propagate(
             if hidden is None:  # token ids: the kept state of an idle sequence is its embedding
                 raise ValueError("Block 0's data must have an active token in every sequence")
             continue
-        out = block.run(block_input(batch, embedding, device), batch.active.to(device), logits_for="none")
+        out = block.run(block_input(batch, embedding, weight), batch.active.to(weight.device), logits_for="none")
         if hidden is None:
             hidden = torch.empty(*data.targets.shape, out.hidden.shape[-1], dtype=out.hidden.dtype)
-        hidden[index] = out.hidden.cpu()
+        hidden[index] = out.hidden.to("cpu", hidden.dtype)  # `hidden` may be lower precision (a bfloat16 dump)
         confidence[index] = out.confidence.float().cpu()
         should_exit[index] = out.should_exit.cpu()
     block.train(was_training)
@@ -302,10 +312,11 @@ def _propagate_to_file(
     batch_size: int,
     path: str | Path,
     next_active: Callable[[Tensor, Tensor], Tensor],
+    dtype: torch.dtype | None = None,
 ) -> None:
     """`propagate` straight into a TrainingData file (never whole in memory); its active mask is
-    `next_active(confidence, should_exit)`."""
-    dtype = next(block.parameters()).dtype
+    `next_active(confidence, should_exit)`, its hidden states in `dtype` (None: the block's own)."""
+    dtype = dtype or block.exit_classifier.weight.dtype
     with HiddenStateWriter(path, data.num_sequences, data.seq_len, block.dim, dtype) as out:
         _, confidence, should_exit = propagate(block, data, embedding, batch_size, out=out.hidden)
         out.finish(data.targets, next_active(confidence, should_exit))
@@ -350,14 +361,16 @@ def fit_block(
         stats.evals = saved["evals"]
         stats.train_tokens, stats.train_flops = saved["train_tokens"], saved["train_flops"]
 
-    def validate(epoch: int, train_loss: float) -> bool:
-        """Record one validation; True when patience ran out."""
+    def validate(epoch: int, train_loss: float, step_losses: list[float]) -> bool:
+        """Record one validation, with the LM loss of every training step since the previous one (the
+        training curve between validation points); True when patience ran out."""
         with sharded.gathered() if sharded else nullcontext():
             result = evaluate(block, val, embedding, config.eval_batch_size)
         row = {
             "step": state["step"], "epoch": epoch, "train_loss": train_loss,
             "train_ppl": perplexity(train_loss), "val_loss": result["loss"],
             "val_ppl": result["ppl"], "val_acc": result["acc"], "lr": scheduler.get_last_lr()[0],
+            "step_losses": step_losses,
         }  # fmt: skip
         stats.evals.append(row)
         if callback:
@@ -377,7 +390,7 @@ def fit_block(
         epoch = state["epoch"]
         # each rank its own shuffle: the same one would pair neighbouring windows in every global batch
         generator = torch.Generator().manual_seed((config.seed * 1000 + epoch) * world + rank)
-        running, running_n = 0.0, 0
+        running, running_n, step_losses = 0.0, 0, []
         for i, batch in enumerate(train.batches(batch_size, shuffle=True, generator=generator)):
             if i >= steps_per_epoch:
                 break  # another rank ran out of batches: its remainder is dropped too
@@ -402,6 +415,7 @@ def fit_block(
             stats.train_flops += flops
             running += float(lm_loss) * n_tokens
             running_n += n_tokens
+            step_losses.append(float(lm_loss))
             if callback:
                 callback({
                     "kind": "step", "step": state["step"], "epoch": epoch, "loss": shown_loss,
@@ -410,8 +424,8 @@ def fit_block(
                 })  # fmt: skip
             last_of_epoch = i == steps_per_epoch - 1
             if state["step"] % eval_every == 0 or last_of_epoch or state["step"] >= total_steps:
-                stop = validate(epoch, running / max(running_n, 1)) or state["step"] >= total_steps
-                running, running_n = 0.0, 0
+                stop = validate(epoch, running / max(running_n, 1), step_losses) or state["step"] >= total_steps
+                running, running_n, step_losses = 0.0, 0, []
                 if checkpoint is not None:
                     if last_of_epoch:
                         state["epoch"] = epoch + 1
@@ -447,7 +461,10 @@ def fit_block(
             def pick_hard(confidence: Tensor, _: Tensor) -> Tensor:
                 return select_hard(confidence, train.active, config.hard_ratio)
 
-            _propagate_to_file(block, train, embedding, config.eval_batch_size, config.hard_data_path, pick_hard)
+            _propagate_to_file(
+                block, train, embedding, config.eval_batch_size, config.hard_data_path, pick_hard,
+                DUMP_DTYPES[config.hard_data_dtype],
+            )  # fmt: skip
             hard_data = load_within_budget(config.hard_data_path, config.memory_budget_mb)
         stats.hard_count = int(distributed.global_sum(len(hard_data)))
         stats.collect_flops = distributed.global_sum(_collect_flops(block, train))
@@ -466,9 +483,10 @@ def _collect_flops(block: LEGOBlock, data: TrainingData) -> float:
 def train_step(
     block: LEGOBlock, batch: TrainingData, embedding: nn.Embedding | None, config: FitConfig, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor, int]:
+    weight = block.exit_classifier.weight  # never sharded (FSDP shards the layers only)
     use_bf16 = config.bf16_autocast and device.type == "cuda"
     with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext():
-        out = block.run(block_input(batch, embedding, device), batch.active.to(device), logits_for="active")
+        out = block.run(block_input(batch, embedding, weight), batch.active.to(device), logits_for="active")
     ce, right = token_losses(out, batch.targets.to(device))  # losses in float32 either way
     lm_loss = ce.mean()
     labels = torch.exp(-ce.detach()) if config.soft_exit_labels else right.float()

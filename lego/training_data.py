@@ -24,14 +24,17 @@ from lego.atomic import atomic_write
 from lego.errors import DataError
 
 FORMAT = "lego.TrainingData/1"
+TOKEN_DTYPES = {torch.int32, torch.int64}  # token ids and targets; files hold int32
 
 
 @dataclass
 class TrainingData:
-    """`hidden_states` (sequences, seq, dim) float, or `input_ids` (sequences, seq) int64 for Block 0;
-    `targets` (sequences, seq) int64; `active` (sequences, seq) bool, the tokens the next block trains on.
+    """`hidden_states` (sequences, seq, dim) float, or `input_ids` (sequences, seq) int for Block 0;
+    `targets` (sequences, seq) int; `active` (sequences, seq) bool, the tokens the next block trains on.
 
-    `len(data)` is the number of active tokens.
+    Token ids and targets are int64 when built from token windows and int32 when read from a file: files
+    store them as int32 (any vocabulary fits), 4 bytes per token less, and a memory-mapped file is used as
+    it is, without an int64 copy in memory. `len(data)` is the number of active tokens.
     """
 
     hidden_states: Tensor | None
@@ -47,8 +50,9 @@ class TrainingData:
                 f"targets and active must both be (sequences, seq); got {tuple(self.targets.shape)} "
                 f"and {tuple(self.active.shape)}"
             )
-        if self.active.dtype != torch.bool or self.targets.dtype != torch.long:
-            raise ValueError(f"active must be bool and targets int64, got {self.active.dtype}, {self.targets.dtype}")
+        ids = self.targets.dtype, self.targets.dtype if self.input_ids is None else self.input_ids.dtype
+        if self.active.dtype != torch.bool or not set(ids) <= TOKEN_DTYPES:
+            raise ValueError(f"active must be bool and targets, input_ids int32/int64, got {self.active.dtype}, {ids}")
         inputs = self.inputs
         if inputs.shape[:2] != self.targets.shape:
             raise ValueError(f"inputs {tuple(inputs.shape)} do not match targets {tuple(self.targets.shape)}")
@@ -122,13 +126,14 @@ class TrainingData:
 
     # -- persistence -----------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        """Atomic write: a temp file renamed into place, so a kill never leaves a half file behind."""
+        """Atomic write: a temp file renamed into place, so a kill never leaves a half file behind. Hidden
+        states keep their dtype (the caller chooses the precision); token ids and targets are stored as int32."""
         path = Path(path)
-        tensors = {"targets": self.targets.contiguous(), "active": self.active.contiguous()}
+        tensors = {"targets": self.targets.int().contiguous(), "active": self.active.contiguous()}
         if self.hidden_states is not None:
             tensors["hidden_states"] = self.hidden_states.contiguous()
         else:
-            tensors["input_ids"] = self.input_ids.contiguous()
+            tensors["input_ids"] = self.input_ids.int().contiguous()
         meta = {
             "format": FORMAT,
             "sequences": self.num_sequences,
@@ -203,8 +208,9 @@ def exceeds_budget(nbytes: float, memory_budget_mb: float | None) -> bool:
 
 
 def dump_bytes(sequences: int, seq_len: int, dim: int, itemsize: int = 4) -> int:
-    """Size of a hidden-state TrainingData: `itemsize * dim` per token for the states, 9 for target and mask."""
-    return sequences * seq_len * (itemsize * dim + 9)
+    """Size of a hidden-state TrainingData: `itemsize * dim` per token for the states, 5 for the int32 target
+    and the mask."""
+    return sequences * seq_len * (itemsize * dim + 5)
 
 
 def load_within_budget(path: str | Path, memory_budget_mb: float | None) -> TrainingData:
@@ -271,7 +277,7 @@ _DTYPE_NAMES = {
     torch.int64: "I64",
     torch.bool: "BOOL",
 }
-_NUMPY = {"F32": np.float32, "F16": np.float16, "BF16": np.int16, "I64": np.int64, "BOOL": np.bool_}
+_NUMPY = {"F32": np.float32, "F16": np.float16, "BF16": np.int16, "I64": np.int64, "I32": np.int32, "BOOL": np.bool_}
 _HEADER_BYTES = 4096  # fixed header room, so the header can be rewritten after the data
 
 
@@ -314,11 +320,11 @@ class HiddenStateWriter:
         tokens = sequences * seq_len
         self.layout = {  # name: (dtype, shape, begin, end); hidden first, 8-byte aligned
             "hidden_states": (_DTYPE_NAMES[dtype], [sequences, seq_len, dim], 0, hidden_bytes),
-            "targets": ("I64", [sequences, seq_len], hidden_bytes, hidden_bytes + 8 * tokens),
-            "active": ("BOOL", [sequences, seq_len], hidden_bytes + 8 * tokens, hidden_bytes + 9 * tokens),
+            "targets": ("I32", [sequences, seq_len], hidden_bytes, hidden_bytes + 4 * tokens),
+            "active": ("BOOL", [sequences, seq_len], hidden_bytes + 4 * tokens, hidden_bytes + 5 * tokens),
         }
         with open(self.tmp, "wb") as f:
-            f.truncate(8 + _HEADER_BYTES + hidden_bytes + 9 * tokens)
+            f.truncate(8 + _HEADER_BYTES + hidden_bytes + 5 * tokens)
         np_dtype = _NUMPY[_DTYPE_NAMES[dtype]]
         array = np.memmap(
             self.tmp, dtype=np_dtype, mode="r+", offset=8 + _HEADER_BYTES, shape=(sequences * seq_len * dim,)
@@ -344,7 +350,7 @@ class HiddenStateWriter:
             raise ValueError("TrainingData header does not fit its reserved room")
         with open(self.tmp, "r+b") as f:
             f.write(struct.pack("<Q", _HEADER_BYTES) + blob.ljust(_HEADER_BYTES, b" "))
-            for name, tensor in (("targets", targets), ("active", active)):
+            for name, tensor in (("targets", targets.int()), ("active", active)):
                 f.seek(8 + _HEADER_BYTES + self.layout[name][2])
                 f.write(tensor.cpu().contiguous().numpy().tobytes())
         del self._array, self.hidden

@@ -3,28 +3,41 @@
 Each stage leaves `stage_<k>/` in the run directory:
   model.safetensors         the whole model after the stage
   hard_tokens.safetensors   the TrainingData Block k+1 trains on (`TrainingData.load`); not for the last block.
-                            With N ranks (torchrun) each writes its shard, hard_tokens.rank<r>-of<N>.safetensors
+                            Hidden states in `trainer.dump_dtype`. With N ranks (torchrun) each writes its
+                            shard, hard_tokens.rank<r>-of<N>.safetensors. `trainer.dump=delete` removes it once
+                            stage k+1 is complete; `trainer.dump=none` never writes it, but
+  hard_mask.safetensors     (`trainer.dump=none` only) the token ids with Block k+1's hard tokens as the active
+                            mask, from which a resume recomputes Block k+1's inputs (blocks 0..k on the ids)
   val_routed.safetensors    the validation tokens routed on to Block k+1, only when larger than trainer.memory_budget_mb
   stats.json                written last: its presence marks the stage complete
   checkpoint.pt             while the stage runs (weights_only-loadable); removed when it completes
 A re-run with the same run directory skips complete stages and resumes an interrupted one, on any
-number of ranks: a complete stage's shards are read back re-sharded (`load_shard`). Under torchrun every
-rank trains on its shard of the data (see `lego.fitting`); rank 0 alone writes the shared files.
+number of ranks: a complete stage's shards are read back re-sharded (`load_shard`), and only the ones
+the first incomplete stage needs. Under torchrun every rank trains on its shard of the data (see
+`lego.fitting`); rank 0 alone writes the shared files.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch import nn
+
 from lego import distributed
-from lego.fitting import route
-from lego.model import LEGOTransformer
+from lego.errors import ConfigError
+from lego.fitting import propagate, route
+from lego.model import LEGOBlock, LEGOTransformer
 from lego.pipeline.config import RunConfig, fit_config, hard_ratios
 from lego.pipeline.files import load_weights, read_json, save_weights, write_json
 from lego.pipeline.progress import StageProgress
 from lego.pipeline.tracking import Tracker
 from lego.training_data import TrainingData, dump_bytes, exceeds_budget, load_shard, shard_path
+
+# Stage metrics measured on the stage's own tokens: from stage 1 on, the tokens the previous block passes on.
+TOKEN_METRICS = ("loss", "lm_loss", "exit_loss", "train_loss", "train_ppl", "val_loss", "val_ppl", "val_acc",
+                 "best_val_ppl")  # fmt: skip
 
 
 @dataclass
@@ -43,40 +56,62 @@ def train_staged(
 ) -> list[StageResult]:
     ratios = hard_ratios(run)
     rank, world = distributed.world()
+    dump, budget = run.trainer.dump, run.trainer.memory_budget_mb
+    token_ids = train  # Block 0's data: what `dump=none` recomputes the later stages' inputs from
+    if dump == "none" and len(model.blocks) > 1:
+        _check_recompute_fits(train, model.dim, budget)
+    stage_dirs = [run_dir / f"stage_{k}" for k in range(len(model.blocks))]
+    # rank 0 decides for all which stages are complete
+    complete = distributed.broadcast_object([(path / "stats.json").is_file() for path in stage_dirs])
     results: list[StageResult] = []
     for k, block in enumerate(model.blocks):
         last = k == len(model.blocks) - 1
-        stage_dir = run_dir / f"stage_{k}"
+        stage_dir = stage_dirs[k]
         embedding = model.embedding if k == 0 else None
         hard_path = stage_dir / "hard_tokens.safetensors"
-        if distributed.broadcast_object((stage_dir / "stats.json").is_file()):  # rank 0 decides for all
+        mask_path = stage_dir / "hard_mask.safetensors"
+        if complete[k]:
             load_weights(model, stage_dir / "model.safetensors")
             stats = read_json(stage_dir / "stats.json")
             print(f"stage {k}: complete in {stage_dir}, loaded (delete the folder to retrain it)")
-            budget = run.trainer.memory_budget_mb
-            hard = None if last else load_shard(hard_path, stats.get("ranks", 1), rank, world, budget)
+            hard = None  # the next stage's inputs: only while a later stage still has to train
+            saved_world = stats.get("ranks", 1)
+            if not last and not all(complete[k + 1 :]):
+                if dump == "none":  # recomputed along the chain of complete stages
+                    mask = load_shard(mask_path, saved_world, rank, world, None)
+                    hard = _recompute_hard(k, block, train, embedding, mask, run.trainer.eval_batch_size)
+                elif not complete[k + 1]:  # the dump of the stage before the first incomplete one, no other
+                    hard = load_shard(hard_path, saved_world, rank, world, budget)
             results.append(StageResult(stats, resumed=True))
         else:
             active_share = distributed.global_sum(len(train)) / distributed.global_sum(train.targets.numel())
             config = fit_config(run, k, None if last else ratios[k], str(stage_dir / "checkpoint.pt"), active_share)
             # streamed to disk, read back within trainer.memory_budget_mb; one shard per rank
-            config.hard_data_path = None if last else str(shard_path(hard_path, rank, world))
+            config.hard_data_path = None if last or dump == "none" else str(shard_path(hard_path, rank, world))
+            config.hard_data_dtype = run.trainer.dump_dtype
             progress = StageProgress(
                 k,
                 _total_steps(train, distributed.per_rank(config.batch_size), config.epochs, config.max_steps),
                 run.trainer.progress,
-                on_event=lambda event, k=k: tracker.log_step(k, numeric_metrics(event)),
+                on_event=lambda event, k=k: tracker.log_step(k, stage_metrics(k, numeric_metrics(event))),
             )
             try:
                 hard, fit_stats = block.fit(train, val, config, embedding=embedding, callback=progress)
             finally:
                 progress.close()
+            if hard is not None and dump == "none":
+                TrainingData(None, token_ids.targets, hard.active, token_ids.input_ids).save(
+                    shard_path(mask_path, rank, world)
+                )
             stats = {
                 "block": k,
                 "layers": block.num_layers,
                 "hard_ratio": None if last else ratios[k],
                 "train_sequences": int(distributed.global_sum(train.num_sequences)),
                 "ranks": world,  # how many shards hard_tokens was written as
+                # the validation tokens this stage is measured on: all of them for Block 0, then the ones
+                # the previous block passes on (its best_val_ppl is over those harder tokens only)
+                "val_token_share": distributed.global_sum(len(val)) / distributed.global_sum(val.targets.numel()),
                 **fit_stats.as_dict(),
             }
             distributed.barrier()  # every rank's shard is on disk before stats.json marks the stage complete
@@ -84,16 +119,44 @@ def train_staged(
                 save_weights(model, stage_dir / "model.safetensors")
                 write_json(stage_dir / "stats.json", stats)
                 (stage_dir / "checkpoint.pt").unlink(missing_ok=True)
-            tracker.log_stage_end(k, stats)
+            tracker.log_stage_end(k, stage_metrics(k, stats))
             results.append(StageResult(stats, resumed=False))
             print(_stage_line(k, stats))
+        if k > 0 and dump == "delete" and distributed.is_main():
+            # stage k is complete, so no resume needs the previous stage's dump again
+            for path in stage_dirs[k - 1].glob("hard_tokens*.safetensors"):
+                path.unlink()
         if not last:
             # Validation for the next stage: the tokens inference would send on (threshold routing).
             routed_path = shard_path(stage_dir / "val_routed.safetensors", rank, world)
-            stream = exceeds_budget(dump_bytes(val.num_sequences, val.seq_len, block.dim), run.trainer.memory_budget_mb)
+            stream = exceeds_budget(dump_bytes(val.num_sequences, val.seq_len, block.dim), budget)
             val = route(block, val, embedding, run.trainer.eval_batch_size, routed_path if stream else None)
             train = hard
     return results
+
+
+def _check_recompute_fits(train: TrainingData, dim: int, budget: float | None) -> None:
+    """`dump=none` holds the next stage's inputs in memory, float32: refuse before any work when they
+    would not fit `trainer.memory_budget_mb`."""
+    nbytes = dump_bytes(train.num_sequences, train.seq_len, dim)
+    if exceeds_budget(nbytes, budget):
+        raise ConfigError(
+            f"trainer.dump=none holds the next stage's inputs in memory ({nbytes / 2**20:.0f} MB per rank), more "
+            f"than trainer.memory_budget_mb={budget}; raise the budget or use trainer.dump=delete"
+        )
+
+
+def _recompute_hard(
+    k: int, block: LEGOBlock, train: TrainingData, embedding: nn.Embedding | None, mask: TrainingData, batch_size: int
+) -> TrainingData:
+    """Block k+1's inputs without a dump (`trainer.dump=none`): the frozen Block k run again over its own
+    inputs (token ids for Block 0, recomputed the same way for later blocks), with the hard tokens stored
+    in `mask` as the active ones: the tokens the stage chose, not a new choice that float rounding could
+    change at the ratio's boundary."""
+    started = time.perf_counter()
+    hidden, _, _ = propagate(block, train, embedding, batch_size)
+    print(f"stage {k}: recomputed Block {k + 1}'s inputs from the token ids in {time.perf_counter() - started:.0f}s")
+    return TrainingData(hidden, train.targets, mask.active)
 
 
 def _total_steps(data: TrainingData, batch_size: int, epochs: int, max_steps: int | None) -> int:
@@ -106,8 +169,25 @@ def numeric_metrics(event: dict) -> dict[str, float]:
     return {k: v for k, v in event.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def stage_metrics(k: int, metrics: dict) -> dict:
+    """Stage k's metrics as W&B names them: from stage 1 on, losses, PPLs and accuracies are over the tokens
+    the previous block passes on, the hard ones, and say so (`stage_1/val_ppl_hard_tokens`), so that nobody
+    reads stage 1's higher PPL as a regression from stage 0's."""
+    if k == 0:
+        return metrics
+    return {f"{key}_hard_tokens" if key in TOKEN_METRICS else key: value for key, value in metrics.items()}
+
+
 def _stage_line(k: int, stats: dict) -> str:
-    parts = [f"stage {k}: best val PPL {stats['best_val_ppl']:.2f}", f"{stats['train_tokens']:,} token passes"]
+    if k == 0:
+        measured_on = "all validation tokens"
+    else:
+        share = stats["val_token_share"]
+        measured_on = f"only the {share:.1%} of validation tokens Block {k - 1} passes on, its hard ones"
+    parts = [
+        f"stage {k}: best val PPL {stats['best_val_ppl']:.2f} ({measured_on})",
+        f"{stats['train_tokens']:,} token passes",
+    ]
     if stats.get("threshold") is not None:
         parts.append(f"threshold {stats['threshold']:.3f}, {stats['hard_count']:,} hard tokens")
     parts.append(f"{stats['seconds']:.0f}s")

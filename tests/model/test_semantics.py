@@ -6,7 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lego import FitConfig, LEGOBlock, LEGOConfig, LEGOTransformer, TrainingData
-from lego.fitting import propagate, route, select_hard
+from lego.fitting import evaluate, propagate, route, select_hard
 
 VOCAB, DIM, HEADS, SEQ = 50, 32, 4, 12
 
@@ -319,3 +319,45 @@ def test_streamed_hard_tokens_equal_in_memory_ones(tmp_path):
     in_memory, streamed = results
     assert torch.equal(in_memory.hidden_states, streamed.hidden_states)
     assert torch.equal(in_memory.active, streamed.active)
+
+
+def test_bfloat16_dump_is_the_rounded_float32_one_and_the_next_block_trains_on_it_in_float32(tmp_path):
+    """`hard_data_dtype="bfloat16"` changes only the stored precision: the same hard tokens, states rounded to
+    bfloat16, and Block 1 widens them back to its own float32 (its loss within rounding of the float32 one)."""
+    dumps = {}
+    for dtype in ("float32", "bfloat16"):
+        model = make_model()
+        config = FitConfig(**FAST, hard_data_path=str(tmp_path / f"{dtype}.safetensors"), hard_data_dtype=dtype)
+        train, val = small_dataset(), small_dataset(8, seed=1)
+        dumps[dtype], _ = model.blocks[0].fit(train, val, config, embedding=model.embedding)
+    wide, narrow = dumps["float32"], dumps["bfloat16"]
+    assert narrow.hidden_states.dtype == torch.bfloat16 and narrow.targets.dtype == torch.int32
+    assert torch.equal(narrow.hidden_states, wide.hidden_states.bfloat16())
+    assert torch.equal(narrow.active, wide.active) and torch.equal(narrow.targets, wide.targets)
+    block = model.blocks[1]
+    losses = [evaluate(block, data, None, 16)["loss"] for data in (wide, narrow)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+    with pytest.raises(ValueError, match="hard_data_dtype must be one of"):
+        FitConfig(hard_data_dtype="float16")
+
+
+def test_every_training_step_loss_is_recorded_between_validations():
+    """Each validation row carries the LM loss of every step since the previous one: the whole training
+    curve, not one mean per validation."""
+    model = make_model()
+    steps = {}
+    config = FitConfig(**{**FAST, "epochs": 2}, evals_per_epoch=3, hard_ratio=None)
+    _, stats = model.blocks[0].fit(
+        small_dataset(),
+        small_dataset(8, seed=1),
+        config,
+        embedding=model.embedding,
+        callback=lambda e: steps.update({e["step"]: e["lm_loss"]}) if e["kind"] == "step" else None,
+    )
+    assert len(stats.evals) >= 6
+    recorded = [loss for row in stats.evals for loss in row["step_losses"]]
+    assert recorded == [steps[s] for s in sorted(steps)]
+    previous = 0
+    for row in stats.evals:
+        assert len(row["step_losses"]) == row["step"] - previous
+        previous = row["step"]

@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 
 from lego import TrainingData
 from lego.errors import DataError
-from lego.training_data import HiddenStateWriter
+from lego.training_data import HiddenStateWriter, dump_bytes
 
 
 def hidden_data(sequences=6, seq=5, dim=4, seed=0) -> TrainingData:
@@ -122,3 +122,29 @@ def test_unfinished_writer_leaves_nothing(tmp_path):
         writer.hidden[0] = 1.0
         raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_files_store_token_ids_and_targets_as_int32(tmp_path):
+    """4 bytes per token less than int64, read back as they are (a memory map needs no int64 copy)."""
+    for data in (hidden_data(), TrainingData.from_windows(torch.randint(0, 9, (6, 6)))):
+        path = tmp_path / "d.safetensors"
+        data.save(path)
+        for mmap in (False, True):
+            loaded = TrainingData.load(path, mmap=mmap)
+            assert loaded.targets.dtype == torch.int32 and torch.equal(loaded.targets, data.targets)
+            if data.input_ids is not None:
+                assert loaded.input_ids.dtype == torch.int32 and torch.equal(loaded.input_ids, data.input_ids)
+    with pytest.raises(ValueError, match="int32/int64"):
+        TrainingData(torch.zeros(2, 3, 4), torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool))
+
+
+def test_bfloat16_writer_takes_2_dim_plus_5_bytes_per_token(tmp_path):
+    data = hidden_data(sequences=4, seq=8, dim=16)
+    path = tmp_path / "bf16.safetensors"
+    with HiddenStateWriter(path, 4, 8, 16, torch.bfloat16) as writer:
+        writer.hidden[:] = data.hidden_states
+        writer.finish(data.targets, data.active)
+    assert path.stat().st_size - 8 - 4096 == dump_bytes(4, 8, 16, itemsize=2) == 4 * 8 * (2 * 16 + 5)
+    loaded = TrainingData.load(path, mmap=True)
+    assert torch.equal(loaded.hidden_states, data.hidden_states.bfloat16())
+    assert torch.equal(loaded.targets, data.targets) and torch.equal(loaded.active, data.active)
