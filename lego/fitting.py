@@ -131,7 +131,7 @@ def token_losses(out: BlockOutput, targets: Tensor) -> tuple[Tensor, Tensor]:
     return ce, out.logits.argmax(dim=-1) == picked
 
 
-def _param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
+def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
     """Decay matrices only (not norms, biases or the 1-d exit bias); tied weights counted once."""
     seen, decay, no_decay = set(), [], []
     for module in modules:
@@ -147,7 +147,7 @@ def make_optimizer(modules: list[nn.Module], config: FitConfig, sharded: bool = 
     """AdamW over the trainable parameters of `modules`, with the fused kernel (CPU and CUDA): the update
     costs the same whatever the share of hard tokens, so a slow one weighs most on steps over few of them
     (experiments/bench_train_hard.py). Sharded (FSDP) and plain tensors together take the per-parameter loop."""
-    groups = _param_groups(modules, config.weight_decay)
+    groups = param_groups(modules, config.weight_decay)
     kernel = {"foreach": False} if sharded else {"fused": True}
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), **kernel)
 
@@ -383,6 +383,10 @@ def fit_block(
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
     replicated = [p for p in params if not is_sharded(p)]  # FSDP reduce-scatters the sharded ones itself
+    # The exit classifier is clipped on its own: it reads a detached input, and its gradient (often several
+    # times the LM's norm early on) must not shrink the language model's steps through a shared clip norm.
+    exit_ids = {id(p) for p in block.exit_classifier.parameters()}
+    clip_sets = [[p for p in params if id(p) not in exit_ids], [p for p in params if id(p) in exit_ids]]
     clip = clip_grad_norm if sharded else torch.nn.utils.clip_grad_norm_
     block.train()
     stop = state["step"] >= total_steps
@@ -407,7 +411,7 @@ def fit_block(
             loss.backward()
             if world > 1:
                 _sum_gradients(replicated)
-            grad_norm = clip(params, config.grad_clip)
+            grad_norm, _ = (clip(subset, config.grad_clip) for subset in clip_sets)  # the LM's norm is reported
             optimizer.step()
             scheduler.step()
             state["step"] += 1

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from experiments.universal.config import UniversalConfig
-from lego.fitting import perplexity, token_losses
+from lego.fitting import param_groups, perplexity, token_losses
 from lego.model import BlockOutput, LEGOConfig, LEGOTransformer
 from lego.pipeline.evaluation import evaluate_routed
 from lego.pipeline.files import load_weights
@@ -72,16 +72,18 @@ class UniversalTrainer:
         self.configure_routing(model)
 
     def create_optimizer(self, model: LEGOTransformer, base_lr: float = 1e-3) -> torch.optim.AdamW:
-        """AdamW with one parameter group per layer (`lr = base_lr * layer_lr_scales[i]`, default 1) and one
-        for the embedding and the (tied) head at `base_lr`."""
+        """AdamW with parameter groups per layer (`lr = base_lr * layer_lr_scales[i]`, default 1) and for the
+        embedding and the (tied) head at `base_lr`. Weight decay and the fused kernel as in LEGO's own training
+        (`lego.fitting.param_groups`: matrices only, not norms or biases), so that the Standard preset and a
+        one-block LEGO run train the same dense model the same way."""
         scales = self.config.layer_lr_scales or {}
         groups = []
         for i, block in enumerate(model.blocks, start=1):
-            lr = base_lr * scales.get(i, 1.0)
-            groups.append({"params": list(block.parameters()), "lr": lr, "layer": i})
-        shared = list({id(p): p for p in [*model.embedding.parameters(), *model.head.parameters()]}.values())
-        groups.append({"params": shared, "lr": base_lr, "layer": 0})
-        return torch.optim.AdamW(groups, lr=base_lr, betas=(0.9, 0.95), weight_decay=self.config.weight_decay)
+            for group in param_groups([block], self.config.weight_decay):
+                groups.append({**group, "lr": base_lr * scales.get(i, 1.0), "layer": i})
+        for group in param_groups([model.embedding, model.head], self.config.weight_decay):
+            groups.append({**group, "lr": base_lr, "layer": 0})
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=base_lr, betas=(0.9, 0.95), fused=True)
 
     # -- routing ---------------------------------------------------------------------------------
     def configure_routing(self, model: LEGOTransformer) -> None:

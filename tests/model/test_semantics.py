@@ -265,6 +265,19 @@ def test_fit_is_deterministic_and_learns():
     assert stats_a.best_val_ppl < VOCAB  # below the uniform guess
 
 
+def test_exit_classifier_training_never_changes_the_language_model():
+    """The exit loss reads a detached input and is clipped on its own: the LM weights after training are the
+    same with or without it (a shared clip norm would shrink the LM's steps by the classifier's gradient)."""
+    trained = []
+    for exit_weight in (0.0, 1.0):
+        model = make_model()
+        config = FitConfig(**FAST, lr=3e-3, grad_clip=0.5, exit_loss_weight=exit_weight)
+        model.blocks[0].fit(small_dataset(), small_dataset(16, seed=1), config, embedding=model.embedding)
+        lm_only = {k: v for k, v in model.state_dict().items() if "exit_classifier" not in k and "threshold" not in k}
+        trained.append(lm_only)
+    assert all(torch.allclose(trained[0][k], trained[1][k], atol=1e-6) for k in trained[0])
+
+
 def test_early_stopping_restores_best_weights():
     model = make_model()
     config = FitConfig(**{**FAST, "epochs": 6}, lr=0.5, patience=1, evals_per_epoch=2)  # diverges

@@ -1,4 +1,5 @@
-"""Layer-wise learning rates: one parameter group per layer at base_lr * scale, embedding/head at base_lr."""
+"""Layer-wise learning rates: each layer's parameters at base_lr * scale, embedding/head at base_lr; weight
+decay on matrices only, as in LEGO's own training."""
 
 import pytest
 
@@ -13,8 +14,10 @@ def test_one_group_per_layer_with_scaled_lr():
     lrs = {group["layer"]: group["lr"] for group in optimizer.param_groups}
     assert lrs == pytest.approx({1: 1e-3, 2: 5e-4, 3: 1e-4, 0: 1e-3})
     for i, block in enumerate(model.blocks, start=1):
-        group = next(g for g in optimizer.param_groups if g["layer"] == i)
-        assert {id(p) for p in group["params"]} == {id(p) for p in block.parameters()}
+        groups = [g for g in optimizer.param_groups if g["layer"] == i]
+        assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in block.parameters()}
+        for group in groups:  # norms and biases are not decayed
+            assert all((p.dim() >= 2) == (group["weight_decay"] > 0) for p in group["params"])
 
 
 def test_every_parameter_once_tied_head_included():
