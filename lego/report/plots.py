@@ -1,0 +1,224 @@
+"""The sweep report's figures: every config in one picture, seeds as error bars or faint lines.
+
+Each function returns the PNG's bytes (the HTML page embeds them) after writing them to `path` atomically.
+Configs keep one colour across all figures; legends sit outside the axes in the constrained layout, so long
+override labels are never clipped.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import textwrap
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from lego.atomic import atomic_write
+from lego.pipeline.plots import X_LABELS, _moving_average, _step_losses
+from lego.report.tables import ConfigGroup
+
+DPI = 110
+LEGEND_WIDTH = 38  # characters per legend line
+
+
+def color(i: int) -> str:
+    return f"C{i % 10}"
+
+
+def plot_ppl_vs_cost(groups: list[ConfigGroup], labels: list[str], path: Path) -> bytes:
+    """Test PPL against honest inference cost: each config's mean operating point with sd error bars,
+    each run's threshold scan as a faint line behind it."""
+    fig = Figure(figsize=(9.5, 5.2), layout="constrained")
+    ax = fig.add_subplot()
+    for i, (group, label) in enumerate(zip(groups, labels, strict=True)):
+        for run in group.finished:
+            scan = sorted(run.results.get("threshold_scan") or [], key=lambda row: row.get("honest_cost") or 0)
+            xs = [_nan(row.get("honest_cost")) for row in scan]
+            ys = [_nan(row.get("test_ppl")) for row in scan]
+            ax.plot(xs, ys, color=color(i), alpha=0.25, linewidth=1)
+        _errorbar(ax, group, "honest_cost", "test_ppl", color(i), label)
+    ax.set_xlabel(X_LABELS["honest_cost"])
+    ax.set_ylabel("test perplexity (calibrated early exit)")
+    ax.set_title("Test PPL vs inference cost (faint: each run's threshold scan)")
+    ax.grid(alpha=0.3)
+    _legend(fig, ax)
+    return _save(fig, path)
+
+
+def plot_ppl_vs_train_flops(groups: list[ConfigGroup], labels: list[str], path: Path) -> bytes:
+    """Test PPL against training FLOPs (steps plus hard-token collection), one point per config."""
+    fig = Figure(figsize=(9.5, 5.2), layout="constrained")
+    ax = fig.add_subplot()
+    flops = []
+    for i, (group, label) in enumerate(zip(groups, labels, strict=True)):
+        _errorbar(ax, group, "train_flops", "test_ppl", color(i), label)
+        flops += [run.metrics()["train_flops"] for run in group.finished]
+    flops = [f for f in flops if f]
+    if flops and max(flops) > 8 * min(flops):
+        ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs (training steps + hard-token collection)")
+    ax.set_ylabel("test perplexity (calibrated early exit)")
+    ax.set_title("Test PPL vs training compute (error bars: sd over seeds)")
+    ax.grid(alpha=0.3, which="both")
+    _legend(fig, ax)
+    return _save(fig, path)
+
+
+def plot_exit_rates(groups: list[ConfigGroup], labels: list[str], path: Path) -> bytes:
+    """Share of test tokens exiting at each block, one bar per config (sd over seeds as error bars)."""
+    n_blocks = max((len(run.results.get("exit_rates") or []) for g in groups for run in g.finished), default=0)
+    fig = Figure(figsize=(max(6.0, 1.2 * n_blocks * max(1, len(groups)) ** 0.5 + 5), 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(groups))
+    for i, (group, label) in enumerate(zip(groups, labels, strict=True)):
+        stats = [group.stat(f"exit_rate_block_{k}") for k in range(n_blocks)]
+        xs = [k - 0.4 + width * (i + 0.5) for k in range(n_blocks)]
+        heights = [_nan(mean) for mean, _, _ in stats]
+        errors = [0.0 if sd is None else sd for _, sd, _ in stats]
+        ax.bar(xs, heights, width=width, yerr=errors, capsize=3, color=color(i), label=label)
+    ax.set_xticks(range(n_blocks), [f"block {k}" for k in range(n_blocks)])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of test tokens exiting here")
+    ax.set_title("Where tokens exit, per config (error bars: sd over seeds)")
+    ax.grid(alpha=0.3, axis="y")
+    _legend(fig, ax)
+    return _save(fig, path)
+
+
+def plot_confidence(groups: list[ConfigGroup], labels: list[str], path: Path) -> bytes:
+    """Per block, the exit-confidence distribution of the test tokens reaching it (density, seeds pooled),
+    one line per config, with each config's mean threshold dashed."""
+    n_blocks = max((len(run.results.get("confidence_histograms") or []) for g in groups for run in g.finished),
+                   default=0)  # fmt: skip
+    fig, axes = _panels(n_blocks)
+    for k, ax in enumerate(axes):
+        for i, group in enumerate(groups):
+            hists = [run.results["confidence_histograms"][k] for run in group.finished
+                     if len(run.results.get("confidence_histograms") or []) > k]  # fmt: skip
+            if not hists:
+                continue
+            counts = [sum(values) for values in zip(*(h["counts"] for h in hists), strict=True)]
+            edges = hists[0]["edges"]
+            total = sum(counts) * (edges[1] - edges[0]) or 1.0
+            ax.stairs([c / total for c in counts], edges, color=color(i), linewidth=1.5)
+            thresholds = [_nan((run.results.get("thresholds") or [None] * (k + 1))[k]) for run in group.finished]
+            finite = [t for t in thresholds if math.isfinite(t)]
+            if finite:
+                ax.axvline(sum(finite) / len(finite), color=color(i), linestyle="--", linewidth=1)
+        ax.set_xlim(0, 1)
+        ax.set_title(f"block {k}", fontsize=10)
+        ax.set_xlabel("exit confidence")
+        ax.set_ylabel("density of tokens reaching it")
+    fig.suptitle("Exit confidence on the test set (dashed: mean threshold)")
+    _config_legend(fig, axes[0], labels)
+    return _save(fig, path)
+
+
+def plot_training_curves(groups: list[ConfigGroup], labels: list[str], path: Path) -> bytes:
+    """Per stage, every run's smoothed per-step training PPL (line) and its validation PPL (dots), coloured
+    by config.
+
+    Each stage is scored on its own tokens (Block k > 0 on the hard tokens only), so panels are not comparable
+    with each other; log scale when a panel spans more than 10x."""
+    n_stages = max((len(run.results.get("blocks") or []) for g in groups for run in g.finished), default=0)
+    fig, axes = _panels(n_stages)
+    for k, ax in enumerate(axes):
+        values = []
+        for i, group in enumerate(groups):
+            for run in group.finished:
+                blocks = run.results.get("blocks") or []
+                rows = (blocks[k].get("evals") or []) if len(blocks) > k else []
+                steps, losses = _step_losses(rows)
+                if losses:
+                    smooth = [math.exp(min(v, 50.0)) for v in _moving_average(losses, max(1, len(losses) // 25))]
+                    ax.plot(steps, smooth, color=color(i), alpha=0.7, linewidth=1.2)
+                    values += smooth
+                val = [_nan(row.get("val_ppl")) for row in rows]
+                ax.plot([row["step"] for row in rows], val, color=color(i), marker="o", markersize=4, linestyle="")
+                values += [p for p in val if math.isfinite(p) and p > 0]
+        if values and max(values) > 10 * min(values):
+            ax.set_yscale("log")
+        ax.set_title(f"stage {k}" + (f" (Block {k - 1}'s hard tokens)" if k else " (all tokens)"), fontsize=10)
+        ax.set_xlabel("step within the stage")
+        ax.set_ylabel("PPL: train (line), validation (dots)")
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle("Training curves of every run, per stage")
+    _config_legend(fig, axes[0], labels)
+    return _save(fig, path)
+
+
+def _panels(n: int, columns: int = 3) -> tuple[Figure, list]:
+    """A figure with n panels on a grid of at most `columns` columns (stays laptop-wide for deep models)."""
+    n = max(1, n)
+    cols = min(n, columns)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(4.2 * cols + 3.2, 3.6 * rows + 0.6), layout="constrained")
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def _config_legend(fig: Figure, ax, labels: list[str]) -> None:
+    handles = [ax.plot([], [], color=color(i))[0] for i in range(len(labels))]
+    fig.legend(handles, _wrapped(labels), loc="outside right upper", fontsize=8)
+
+
+def plot_series(
+    series: dict[str, list[dict]], path: Path, *, xlabel: str, ylabel: str, title: str, log_x: bool = False
+) -> bytes:
+    """One line per series through points {x, y, xerr, yerr, label}, error bars on both axes, each point
+    annotated with its label (e.g. a token budget)."""
+    fig = Figure(figsize=(9.5, 5.2), layout="constrained")
+    ax = fig.add_subplot()
+    for i, (name, points) in enumerate(series.items()):
+        xs, ys = [p["x"] for p in points], [p["y"] for p in points]
+        ax.errorbar(xs, ys, xerr=[_zero(p.get("xerr")) for p in points], yerr=[_zero(p.get("yerr")) for p in points],
+                    color=color(i), marker="o", capsize=3, label=name)  # fmt: skip
+        for point in points:
+            ax.annotate(point.get("label", ""), (point["x"], point["y"]), textcoords="offset points", xytext=(5, 5),
+                        fontsize=8, color=color(i))  # fmt: skip
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    _legend(fig, ax)
+    return _save(fig, path)
+
+
+def _errorbar(ax, group: ConfigGroup, x: str, y: str, colour: str, label: str) -> None:
+    (mx, sx, nx), (my, sy, ny) = group.stat(x), group.stat(y)
+    if not nx or not ny:
+        return
+    ax.errorbar([mx], [my], xerr=[_zero(sx)], yerr=[_zero(sy)], color=colour, marker="o", markersize=7, capsize=4,
+                linestyle="", label=f"{label} (n={min(nx, ny)})")  # fmt: skip
+
+
+def _legend(fig: Figure, ax) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, _wrapped(labels), loc="outside right upper", fontsize=8)
+
+
+def _wrapped(labels: list[str]) -> list[str]:
+    """Long config labels on several short lines, so the legend never squeezes the axes away."""
+    return [textwrap.fill(label, LEGEND_WIDTH, break_on_hyphens=False) for label in labels]
+
+
+def _save(fig: Figure, path: Path) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    data = buffer.getvalue()
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    return data
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _zero(value: float | None) -> float:
+    return 0.0 if value is None or not math.isfinite(value) else float(value)
