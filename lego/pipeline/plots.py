@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
 
 from lego.atomic import atomic_write
 
@@ -111,36 +113,66 @@ def plot_ppl_vs_compute(
 
 
 def plot_training_curves(stage_evals: list[list[dict]], path: Path) -> Path:
-    """Validation PPL (solid) and training PPL (dashed) of each stage against its own step count.
+    """One panel per stage: the training PPL of every step (faint) and smoothed, with the validation PPL at
+    each evaluation on it, against the stage's own step count.
 
-    Log scale when the PPLs span more than 10x: PPL falls by orders of magnitude early on, and the later stages
-    train on harder tokens, so their curves can sit far above the first stage's. Markers keep a stage with a
-    single evaluation visible.
+    Panels, not one shared axis: stage k >= 1 trains and validates on the tokens the previous block passes
+    on, so its PPL sits above stage 0's without being worse. Per-step losses come from each eval row's
+    `step_losses`; rows from before they were recorded fall back to the mean training PPL per evaluation.
+    Log scale when a panel's PPLs span more than 10x (PPL falls by orders of magnitude early on).
     """
-    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    ppls = []
-    for k, rows in enumerate(stage_evals):
-        if not rows:
-            continue
+    stages = [(k, rows) for k, rows in enumerate(stage_evals) if rows]
+    fig = Figure(figsize=(5.0 * max(1, len(stages)), 4.2), layout="constrained")
+    axes = fig.subplots(1, max(1, len(stages)), squeeze=False)[0]
+    for ax, (k, rows) in zip(axes, stages, strict=False):
         color = f"C{k}"
-        steps = [row["step"] for row in rows]
-        val = [_number(row.get("val_ppl")) for row in rows]
-        ax.plot(steps, val, color=color, marker="o", markersize=4, label=f"stage {k} val")
-        ppls += val
-        if any("train_ppl" in row for row in rows):
-            train = [_number(row.get("train_ppl")) for row in rows]
-            ax.plot(steps, train, color=color, marker="x", linestyle="--", label=f"stage {k} train")
+        ppls = []
+        steps, losses = _step_losses(rows)
+        if losses:
+            train = [math.exp(min(loss, 50.0)) for loss in losses]
+            smooth = [math.exp(min(loss, 50.0)) for loss in _moving_average(losses, max(1, len(losses) // 25))]
+            ax.plot(steps, train, color=color, alpha=0.25, linewidth=0.8, label="train, every step")
+            ax.plot(steps, smooth, color=color, linewidth=2.0, label="train, smoothed")
             ppls += train
-    finite = [ppl for ppl in ppls if ppl > 0 and math.isfinite(ppl)]
-    if finite and max(finite) > 10 * min(finite):
-        ax.set_yscale("log")
-    ax.set_xlabel("step (within the stage)")
-    ax.set_ylabel("perplexity (stage's own tokens)")
-    ax.set_title("Training curves per stage")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=9)
+        elif any("train_ppl" in row for row in rows):
+            train = [_number(row.get("train_ppl")) for row in rows]
+            ax.plot([row["step"] for row in rows], train, color=color, marker="x", linestyle="--", label="train")
+            ppls += train
+        val = [_number(row.get("val_ppl")) for row in rows]
+        ax.plot([row["step"] for row in rows], val, color="black", marker="o", markersize=5, label="validation")
+        ppls += val
+        finite = [ppl for ppl in ppls if ppl > 0 and math.isfinite(ppl)]
+        if finite and max(finite) > 10 * min(finite):
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(LogFormatter())  # 30, not 3 x 10^1
+            ax.yaxis.set_minor_formatter(LogFormatter(minor_thresholds=(2, 0.4)))
+        tokens = "all tokens" if k == 0 else f"Block {k - 1}'s hard tokens"
+        ax.set_title(f"stage {k}: {tokens}", fontsize=10)
+        ax.set_xlabel("step (within the stage)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("perplexity (stage's own tokens)")
+    fig.suptitle("Training curves per stage")
     return _save(fig, path)
+
+
+def _step_losses(rows: list[dict]) -> tuple[list[int], list[float]]:
+    """(step, LM loss) of every training step recorded in the eval rows (`step_losses`, the steps since the
+    previous evaluation); empty when the rows predate per-step recording."""
+    steps, losses = [], []
+    for row in rows:
+        recorded = row.get("step_losses") or []
+        steps += range(row["step"] - len(recorded) + 1, row["step"] + 1)
+        losses += recorded
+    return steps, losses
+
+
+def _moving_average(values: list[float], half_window: int) -> list[float]:
+    """Mean over a window of 2 * half_window + 1 values centred on each one (shorter at the ends): smooths the
+    step-to-step noise without shifting the curve to later steps as a trailing average would."""
+    array = np.asarray(values, dtype=float)
+    kernel = np.ones(2 * half_window + 1)
+    return list(np.convolve(array, kernel, mode="same") / np.convolve(np.ones_like(array), kernel, mode="same"))
 
 
 def make_run_plots(results: dict, out_dir: Path) -> dict[str, Path]:
@@ -180,13 +212,14 @@ def _block_label(k: int, block: dict) -> str:
 
 
 def _run_note(results: dict) -> str:
-    """' (test PPL 12.3, honest cost 0.71)' from whichever of the two the results have."""
+    """'\ntest PPL 12.3, honest cost 0.71' from whichever of the two the results have: a second title line,
+    so that a title fits the width of a one- or two-block figure."""
     parts = []
     if _finite(results.get("test_ppl")) is not None:
         parts.append(f"test PPL {results['test_ppl']:.2f}")
     if _finite(results.get("honest_cost")) is not None:
         parts.append(f"honest cost {results['honest_cost']:.2f}")
-    return f" ({', '.join(parts)})" if parts else ""
+    return "\n" + ", ".join(parts) if parts else ""
 
 
 def _number(value: float | None) -> float:

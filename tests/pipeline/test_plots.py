@@ -1,11 +1,16 @@
-"""Every plot writes a real, non-blank PNG; make_run_plots writes what the results support and skips the rest."""
+"""Every plot writes a real, non-blank PNG with no text cut off at its edges; make_run_plots writes what the
+results support and skips the rest."""
 
 import math
 from pathlib import Path
 
 import matplotlib.image
 import pytest
+from hydra import compose, initialize_config_dir
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+import lego.pipeline.plots
+from lego.pipeline.config import register_configs, to_run_config
 from lego.pipeline.plots import (
     make_run_plots,
     plot_confidence_histograms,
@@ -24,8 +29,13 @@ def fake_results() -> dict:
     evals = [
         [{"step": s, "train_ppl": 400 / s, "val_ppl": 500 / s + 20} for s in (10, 20, 40)],
         [{"step": s, "train_ppl": 900 / s, "val_ppl": 900 / s + 60} for s in (5, 10)],
-        [{"step": 8, "val_ppl": 120.0}],
+        [{"step": 8, "val_ppl": 120.0}],  # a row from before per-step losses were recorded
     ]
+    for rows in evals[:2]:  # the LM loss of every step since the previous evaluation
+        previous = 0
+        for row in rows:
+            row["step_losses"] = [math.log(row["train_ppl"]) + 0.3 * math.sin(s) for s in range(previous, row["step"])]
+            previous = row["step"]
     blocks = [
         {"block": 0, "layers": 2, "threshold": 0.62, "exit_count": 600, "exit_rate": 0.6, "mean_confidence": 0.7},
         {"block": 1, "layers": 2, "threshold": 0.97, "exit_count": 0, "exit_rate": 0.0, "mean_confidence": 0.4},
@@ -94,3 +104,59 @@ def test_make_run_plots_skips_what_is_missing(tmp_path):
     written = make_run_plots(results, tmp_path)
     assert set(written) == {"exit_rates", "confidence_histograms"}
     assert not (tmp_path / "ppl_vs_compute.png").exists()
+
+
+@pytest.fixture
+def figures(monkeypatch) -> dict:
+    """Every figure the plots module saves, by file name."""
+    captured, save = {}, lego.pipeline.plots._save
+
+    def capture(fig, path: Path) -> Path:
+        captured[path.name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(lego.pipeline.plots, "_save", capture)
+    return captured
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+def test_no_text_is_cut_off_at_the_figure_edges(tmp_path, figures, blocks):
+    """What is drawn (titles, labels, tick labels, legends) lies inside the figure: a title wider than a narrow
+    one- or two-block figure used to run off its right edge."""
+    results = fake_results()
+    results.update(test_ppl=93.77, honest_cost=0.840)
+    for key in ("blocks", "confidence_histograms"):
+        results[key] = results[key][:blocks]
+    make_run_plots(results, tmp_path)
+    assert len(figures) == 4
+    for name, fig in figures.items():
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        drawn, inside = fig.get_tightbbox(canvas.get_renderer()), fig.bbox_inches
+        assert inside.x0 <= drawn.x0 and drawn.x1 <= inside.x1 and inside.y0 <= drawn.y0 and drawn.y1 <= inside.y1, name
+
+
+def test_training_curves_show_every_step_smoothed_and_the_validations_per_stage(tmp_path, figures):
+    stage_evals = [block["evals"] for block in fake_results()["blocks"]]
+    plot_training_curves(stage_evals, tmp_path / "curves.png")
+    axes = figures["curves.png"].axes
+    assert [ax.get_title() for ax in axes] == ["stage 0: all tokens", "stage 1: Block 0's hard tokens",
+                                               "stage 2: Block 1's hard tokens"]  # fmt: skip
+    for ax, rows in zip(axes, stage_evals, strict=True):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert list(lines["validation"].get_xdata()) == [row["step"] for row in rows]
+        if "step_losses" in rows[0]:
+            every_step = lines["train, every step"].get_ydata()
+            assert len(every_step) == rows[-1]["step"]  # one point per training step
+            smoothed = lines["train, smoothed"].get_ydata()
+            assert len(smoothed) == len(every_step)
+            assert max(smoothed) - min(smoothed) < max(every_step) - min(every_step)  # less noisy
+        else:
+            assert set(lines) == {"validation"}
+
+
+def test_small_preset_validates_often_enough_to_draw_a_curve():
+    register_configs()
+    with initialize_config_dir(config_dir=str(Path(__file__).parents[2] / "conf"), version_base="1.3"):
+        run = to_run_config(compose(config_name="config", overrides=["+experiment=small"]))
+    assert [stage.evals_per_epoch for stage in run.block_schedule.blocks] == [8, 8]
