@@ -4,7 +4,14 @@ Everything W&B writes lands under the run directory: `<run_dir>/wandb/offline-ru
 transaction log (`run-<id>.wandb`), the media files (plots, the exit-stats table) and, in offline mode, the
 staging copy of the table artifact, so the run folder alone is enough to upload it later with
 
-    wandb sync <run_dir>/wandb/offline-run-*
+    wandb sync <run_dir>/wandb/
+
+One run directory is one W&B run: its id is kept in `<run_dir>/wandb/run_id`, and a resumed run continues it
+(`resume="allow"`). Offline, wandb still starts a new `offline-run-*` folder per process, all with that id;
+`wandb sync` (0.31, as installed) uploads the folders of one run one after another, oldest first, as that one
+run. So that the merged history holds every row once, a resumed Tracker reads what the earlier folders logged,
+numbers its rows after theirs and skips the rows they already hold (the steps between an interrupted stage's
+last checkpoint and the kill, which the resumed stage trains again).
 
 Users with an account use `wandb.mode=online`; `wandb.mode=disabled` turns logging off entirely (no wandb folder).
 `read_offline_run` reads a run back from its transaction log without any W&B service, for tests and for scripts.
@@ -16,6 +23,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
+import string
 import struct
 import time
 import warnings
@@ -25,10 +35,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lego.atomic import atomic_write
 from lego.errors import ConfigError, DataError
 
 MODES = ("offline", "online", "disabled")
 FINISH_WAIT_SECONDS = 30.0
+# A private wandb setting (15 s by default in 0.31); a wandb without it keeps its own flushing.
+FLUSH_SETTING, FLUSH_SECONDS = "x_transaction_log_flush_interval", 1.0
+RUN_ID_FILE = "run_id"  # under <run_dir>/wandb/: the W&B run id of the run directory
+_STAGE_STEP = re.compile(r"stage_\d+/step")  # a stage's step axis (Tracker.log_step)
 
 # Top-level results lists that hold one value per block, and the per-block summary field each becomes.
 PER_BLOCK_LISTS = {"exit_counts": "exit_count", "exit_rates": "exit_rate"}
@@ -61,6 +76,8 @@ class Tracker:
         self._run: Any = None
         self._offline_dir: Path | None = None
         self._stage_steps: dict[int, int] = {}
+        self._logged: set[tuple[str, Any]] = set()  # (key, stage step or None) the run's earlier folders hold
+        self._next_step = 0  # the W&B step of the next history row
         if mode == "disabled":
             return
 
@@ -68,14 +85,25 @@ class Tracker:
 
         run_dir = Path(run_dir).resolve()
         run_dir.mkdir(parents=True, exist_ok=True)  # wandb looks for the git root here before creating it
+        run_id = _run_id(run_dir / "wandb")
+        if _run_logs(run_dir / "wandb", run_id):
+            earlier = read_offline_run(run_dir / "wandb", run_id)
+            self._logged = {(key, _position(row)) for row in earlier["history"] for key in row}
+            self._next_step = 1 + max((row.get("_step", -1) for row in earlier["history"]), default=-1)
+        # A killed process loses what wandb has not flushed to the transaction log yet: flush every second, so
+        # that a resumed run finds, and need not log again, all but the last second of it.
+        flush = FLUSH_SETTING in getattr(wandb.Settings, "model_fields", {})
         settings = wandb.Settings(
             silent=True,  # no banner or sync hints; failures surface as our one-line errors
             console="off",  # leave stdout to tqdm and Hydra's own log file
             reinit="create_new",  # never hand back (or finish) a run some other code left open
+            **({FLUSH_SETTING: FLUSH_SECONDS} if flush else {}),
         )
         try:
             self._run = wandb.init(
                 dir=run_dir,
+                id=run_id,
+                resume="allow",
                 mode=mode,
                 project=project,
                 entity=entity,
@@ -94,6 +122,7 @@ class Tracker:
                 f"wandb.mode=online could not start a W&B run ({reason}); run `wandb login` or use wandb.mode=offline"
             ) from error
         self._offline_dir = Path(self._run.dir).parent  # run.dir is the run folder's files/ subfolder
+        self._next_step = max(self._next_step, self._run.step)  # online, a resumed run starts after the server's
 
     def __enter__(self) -> Tracker:
         return self
@@ -122,7 +151,7 @@ class Tracker:
         step = metrics.get("step", self._stage_steps[stage] + 1)
         self._stage_steps[stage] = step
         row = {f"{prefix}{key}": value for key, value in metrics.items() if key != "step"}
-        self._run.log({**row, f"{prefix}step": step})
+        self._log({**row, f"{prefix}step": step}, f"{prefix}step")
 
     def log_stage_end(self, stage: int, stats: dict) -> None:
         """Record a finished stage's scalars (hard-token count, threshold, best val PPL, ...) as summary values.
@@ -167,7 +196,20 @@ class Tracker:
                 media[f"plots/{name}"] = wandb.Image(str(path))
         if media:
             with self._artifact_staging():
-                self._run.log(media)
+                self._log(media, None)
+
+    def _log(self, row: dict, axis: str | None) -> None:
+        """Log `row` as the run's next history row, minus what the run's earlier folders already hold at the same
+        place: a stage's step (`axis` names the stage's step key, whose value in `row` is the step) or, for rows
+        without an axis (the final media), anywhere outside the stages."""
+        position = (axis, row[axis]) if axis else None
+        new = {key: value for key, value in row.items() if key != axis and (key, position) not in self._logged}
+        if not new:
+            return
+        if axis:
+            new[axis] = row[axis]
+        self._run.log(new, step=self._next_step, commit=True)  # commit: a row is written now, not with the next
+        self._next_step += 1
 
     def finish(self, exit_code: int = 0) -> None:
         """Close the run (idempotent); exit code 1 marks it failed in W&B.
@@ -232,18 +274,22 @@ _BLOCK = 32768
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
 
-def read_offline_run(run_dir: str | Path) -> dict:
-    """Read what a run logged from its `.wandb` transaction log, without a W&B service or network.
+def read_offline_run(run_dir: str | Path, run_id: str | None = None) -> dict:
+    """Read what a run logged from its `.wandb` transaction logs, without a W&B service or network.
 
-    `run_dir` may be a LEGO run directory (the most recently written run under `run_dir/wandb/` is read), its
-    `wandb/` folder, or one `offline-run-*` folder. Returns
-    `{"config", "summary", "history", "tables", "images", "group", "name", "project", "tags", "job_type",
-    "exit_code"}`: values decoded from their JSON, summary and history keys as logged (`block_0/exit_rate`),
-    `tables`/`images` the keys under which tables/images were logged, `exit_code` None if the run never finished.
+    `run_dir` may be a LEGO run directory or its `wandb/` folder (the folders of run `run_id` are read, by default
+    those of the run written last, oldest folder first, merged as `wandb sync` uploads them), or one `offline-run-*`
+    folder (that folder alone). Returns `{"config", "summary", "history", "tables", "images", "group", "name",
+    "project", "tags", "job_type", "exit_code", "folders"}`: values decoded from their JSON, summary and history
+    keys as logged (`block_0/exit_rate`), `tables`/`images` the keys under which tables/images were logged,
+    `exit_code` None if the last folder's process never finished, `folders` how many folders were read.
     """
-    run: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "tags": []}
+    logs = _run_logs(Path(run_dir), run_id)
+    if not logs:
+        raise DataError(f"no W&B run under {run_dir} (was it run with wandb.mode=disabled?)")
+    run: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "tags": [], "folders": len(logs)}
     run.update(dict.fromkeys(("group", "name", "project", "job_type", "exit_code")))
-    for record in _records(_transaction_log(Path(run_dir))):
+    for record in (record for log in logs for record in _records(log)):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             _apply(run["config"], record.run.config.update, record.run.config.remove)
@@ -253,6 +299,7 @@ def read_offline_run(run_dir: str | Path) -> dict:
                 project=record.run.project or None,
                 tags=list(record.run.tags),
                 job_type=record.run.job_type or None,
+                exit_code=None,  # a new process: its own exit record, if it got to write one
             )
         elif kind == "config":
             _apply(run["config"], record.config.update, record.config.remove)
@@ -271,12 +318,38 @@ def read_offline_run(run_dir: str | Path) -> dict:
     return run
 
 
-def _transaction_log(path: Path) -> Path:
-    """The `.wandb` file of `path` itself, or of the most recently written run folder under it."""
-    candidates = [*path.glob("*.wandb"), *path.glob("*run-*/*.wandb"), *path.glob("wandb/*run-*/*.wandb")]
-    if not candidates:
-        raise DataError(f"no W&B run under {path} (was it run with wandb.mode=disabled?)")
-    return max(candidates, key=lambda log: log.stat().st_mtime_ns)
+def _run_id(wandb_dir: Path) -> str:
+    """The W&B run id of a run directory: read from `wandb/run_id`, or made (8 characters in [a-z0-9], as wandb's
+    own) and written there atomically."""
+    path = wandb_dir / RUN_ID_FILE
+    if not path.is_file():
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        atomic_write(path, lambda tmp: tmp.write_text(f"{run_id}\n"))
+        return run_id
+    run_id = path.read_text().strip()
+    if not re.fullmatch(r"[\w.-]+", run_id):
+        raise DataError(f"{path} holds {run_id!r}, not a W&B run id; delete the file to log to a new W&B run")
+    return run_id
+
+
+def _run_logs(path: Path, run_id: str | None = None) -> list[Path]:
+    """The `.wandb` logs of one run under `path`, oldest folder first: run `run_id`'s, by default that of the log
+    written last (`path` may also be one run folder)."""
+    logs = [*path.glob("*.wandb"), *path.glob("*run-*/*.wandb"), *path.glob("wandb/*run-*/*.wandb")]
+    if run_id is None and logs:
+        run_id = _log_run_id(max(logs, key=lambda log: log.stat().st_mtime_ns))
+    # folders are named [offline-]run-<YYYYmmdd_HHMMSS>-<id>[-<n>]: the part after "run-" sorts by start time
+    return sorted((log for log in logs if _log_run_id(log) == run_id), key=lambda log: log.parent.name.split("run-")[1])
+
+
+def _log_run_id(log: Path) -> str:
+    return log.stem.removeprefix("run-")
+
+
+def _position(row: dict) -> tuple[str, Any] | None:
+    """Where a history row sits: its stage's step key and step (`("stage_1/step", 40)`), None outside the stages."""
+    axis = next((key for key in row if _STAGE_STEP.fullmatch(key)), None)
+    return (axis, row[axis]) if axis else None
 
 
 def _records(path: Path) -> Iterator[Any]:

@@ -1,15 +1,22 @@
 """W&B tracking in offline mode: what a run logs can be read back from its run folder, with no account or network."""
 
+import json
 import math
 import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections import Counter
 
 import pytest
 import wandb
 
-from lego.errors import ConfigError
+from lego.errors import ConfigError, DataError
 from lego.pipeline import tracking
 from lego.pipeline.plots import plot_exit_rates
 from lego.pipeline.tracking import Tracker, read_offline_run
+from tests.launch import REPO, run_train
 
 CONFIG = {"experiment_name": "tiny", "model": {"dim": 32, "blocks": [2, 2]}, "hard_ratio": {"value": 0.5}}
 
@@ -115,18 +122,117 @@ def test_offline_run_folder_is_self_contained(offline_run):
 
 
 def test_exception_finishes_the_run_and_the_next_job_gets_its_own(tmp_path):
-    with pytest.raises(RuntimeError, match="boom"), Tracker(run_dir=tmp_path, config={"job": 0}) as failed:
+    with pytest.raises(RuntimeError, match="boom"), Tracker(run_dir=tmp_path / "job0", config={"job": 0}) as failed:
         failed.log_step(0, {"lm_loss": 1.0})
         raise RuntimeError("boom")
-    with Tracker(run_dir=tmp_path, config={"job": 1}) as second:
+    with Tracker(run_dir=tmp_path / "job1", config={"job": 1}) as second:
         second.log_step(0, {"lm_loss": 2.0})
-    assert failed.offline_dir != second.offline_dir
     first_logged, second_logged = read_offline_run(failed.offline_dir), read_offline_run(second.offline_dir)
     assert first_logged["exit_code"] == 1 and second_logged["exit_code"] == 0
     assert second_logged["config"] == {"job": 1}
     assert [row["stage_0/lm_loss"] for row in second_logged["history"]] == [2.0]
-    assert read_offline_run(tmp_path)["config"] == {"job": 1}  # the run directory resolves to its latest run
+    assert _run_id(tmp_path / "job0") != _run_id(tmp_path / "job1")
     second.finish()  # idempotent
+
+
+# A job killed in stage 1: stage 0 finished, stage 1 logged steps 1-4 and a validation at step 2 (its checkpoint).
+KILLED_JOB = """
+import os, signal, sys, time
+from lego.pipeline.tracking import Tracker, read_offline_run
+tracker = Tracker(run_dir=sys.argv[1], config={"job": 0})
+for step in (1, 2, 3):
+    tracker.log_step(0, {"step": step, "lm_loss": 5.0 - step})
+tracker.log_stage_end(0, {"hard_count": 120})
+for step in (1, 2, 3, 4):
+    tracker.log_step(1, {"step": step, "lm_loss": 4.0 - step})
+    if step == 2:
+        tracker.log_step(1, {"step": step, "val_ppl": 30.5})
+deadline = time.monotonic() + 60
+while len(read_offline_run(sys.argv[1])["history"]) < 8 and time.monotonic() < deadline:
+    time.sleep(0.1)  # until wandb has flushed the rows (every second): a kill keeps what is on disk
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _run_id(run_dir):
+    return (run_dir / "wandb" / tracking.RUN_ID_FILE).read_text().strip()
+
+
+def _placed(history: list[dict]) -> list[tuple]:
+    """Every logged value with where it sits: (stage step key, step, key), or (None, None, key) outside the stages."""
+    placed = []
+    for row in history:
+        axis = next((key for key in row if key.endswith("/step")), None)
+        placed += [(axis, row.get(axis), key) for key in row if key != axis and not key.startswith("_")]
+    return placed
+
+
+def test_a_resumed_run_continues_its_wandb_run_without_duplicates(tmp_path):
+    """Kill, resume, re-run: one W&B run id for the run directory, every value logged once, steps in order."""
+    # its own wandb service, as a separate `python train.py` has (not the one this process's runs left in the env)
+    env = {key: value for key, value in os.environ.items() if key != "WANDB_SERVICE"}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_JOB, str(tmp_path)], cwd=REPO, env={**env, "WANDB_SILENT": "true"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    first = read_offline_run(tmp_path)
+    assert first["exit_code"] is None and len(first["history"]) == 8  # the killed process never finished
+    results = two_block_results()
+    image = plot_exit_rates(results, tmp_path / "plots" / "exit_rates.png")
+    with Tracker(run_dir=tmp_path, config={"job": 0}) as resumed:  # stage 1 resumes from its checkpoint (step 2)
+        for step in (3, 4, 5):
+            resumed.log_step(1, {"step": step, "lm_loss": 4.0 - step})
+        resumed.log_step(1, {"step": 5, "val_ppl": 28.5})
+        resumed.log_stage_end(1, {"hard_count": 0})
+        resumed.log_final(results, {"exit_rates": image})
+    with Tracker(run_dir=tmp_path, config={"job": 0}) as again:  # re-running the finished directory
+        again.log_final(results, {"exit_rates": image})
+
+    run_id = _run_id(tmp_path)
+    folders = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(folders) == 3 and all(f"-{run_id}" in folder.name for folder in folders)
+    logged = read_offline_run(tmp_path)
+    assert (logged["folders"], logged["exit_code"], logged["config"]) == (3, 0, {"job": 0})
+    history = logged["history"]
+    assert [row["_step"] for row in history] == list(range(len(history)))  # one step axis across the folders
+    placed = _placed(history)
+    assert len(placed) == len(set(placed))  # nothing logged twice
+    assert [step for axis, step, key in placed if key == "stage_1/lm_loss"] == [1, 2, 3, 4, 5]
+    assert [step for axis, step, key in placed if key == "stage_1/val_ppl"] == [2, 5]
+    assert [step for axis, step, key in placed if key == "stage_0/lm_loss"] == [1, 2, 3]
+    assert [key for axis, step, key in placed if axis is None] == ["exit_stats", "plots/exit_rates"]
+    assert logged["summary"]["stage_0/hard_count"] == 120 and logged["summary"]["test_ppl"] == results["test_ppl"]
+
+
+def test_a_resumed_training_run_adds_only_what_is_new(tiny_run, cache_dir, tmp_path):
+    """`python train.py` resumed after a kill in stage 1 (its folder emptied) logs into the same W&B run; the
+    retrained stage's rows and the final plots, which the first process already logged, are not logged again."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    before = read_offline_run(run_dir)
+    for path in (run_dir / "stage_1").iterdir():
+        path.unlink()
+    (run_dir / "results.json").unlink()
+    proc = run_train("+experiment=tiny", f"hydra.run.dir={run_dir}", cache_dir=cache_dir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("complete in") == 1  # stage 0 loaded, stage 1 retrained
+    after = read_offline_run(run_dir)
+    assert after["folders"] == before["folders"] + 1 and after["exit_code"] == 0
+    assert {_log_id(log) for log in (run_dir / "wandb").glob("*run-*/*.wandb")} == {_run_id(run_dir)}
+    assert Counter(_placed(after["history"])) == Counter(_placed(before["history"]))  # nothing new, nothing twice
+    assert after["summary"]["test_ppl"] == json.loads((run_dir / "results.json").read_text())["test_ppl"]
+
+
+def _log_id(log):
+    return log.stem.removeprefix("run-")
+
+
+def test_a_run_id_file_that_is_not_an_id_is_refused(tmp_path):
+    (tmp_path / "wandb").mkdir()
+    (tmp_path / "wandb" / tracking.RUN_ID_FILE).write_text("not an id!")
+    with pytest.raises(DataError, match=r"wandb/run_id holds 'not an id!', not a W&B run id; delete the file"):
+        Tracker(run_dir=tmp_path, config={})
 
 
 def test_disabled_writes_nothing(tmp_path):
