@@ -54,17 +54,22 @@ METHODS: dict[str, Method] = {
     # the compare budget, to measure the gap between the two dense code paths against the seed noise
     "dense (Universal Standard)": Method(("+experiment=compare_dense",), 4, budgets=("400k",)),
 }
-# budget name -> (max_train_tokens, epochs)
+# budget name -> (max_train_tokens, epochs); 400k is the compare presets' own budget (conf/experiment/compare_*)
 BUDGETS: dict[str, tuple[int, int]] = {
+    "100k": (100_000, 1),
     "200k": (200_000, 1),
     "400k": (400_000, 1),
     "800k": (800_000, 1),
     "1.6M": (800_000, 2),
 }
+DEFAULT_BUDGETS = ("400k", "100k", "800k", "200k")  # run in this order: the noise floor first, then the 8x span
+# Every budget keeps the compare presets' schedule shape: 50 warmup steps at 400k tokens, scaled with the budget
+# (100k tokens are 49 steps: a fixed 50-step warmup would never reach the peak learning rate).
+REFERENCE_TOKENS, REFERENCE_WARMUP = 400_000, 50
 SEEDS = (0, 1, 2)
 QUICK = ("model.dim=32", "model.num_heads=2", "tokenizer=bytes", "data.seq_len=32", "data.max_eval_tokens=2000",
          "trainer.threshold_scan=[0.0,0.5]", "trainer.eval_batch_size=16", "wandb=disabled")  # fmt: skip
-QUICK_BUDGETS = {"200k": (4_000, 1), "400k": (8_000, 1), "800k": (16_000, 1), "1.6M": (16_000, 2)}
+QUICK_BUDGETS = {"100k": (2_000, 1), "200k": (4_000, 1), "400k": (8_000, 1), "800k": (16_000, 1), "1.6M": (16_000, 2)}
 # files a finished run does not need for its report (a stage dump is up to 1 GB)
 DISPOSABLE = ("hard_tokens*.safetensors", "val_routed*.safetensors", "checkpoint.pt")
 
@@ -99,22 +104,41 @@ def jobs_for(methods: list[str], budgets: list[str], seeds: list[int]) -> list[J
 def job_overrides(job: Job, quick: bool) -> list[str]:
     method = METHODS[job.method]
     tokens, epochs = (QUICK_BUDGETS if quick else BUDGETS)[job.budget]
-    return [
-        *method.overrides,
-        f"data.max_train_tokens={tokens}",
-        *(f"block_schedule.blocks.{k}.epochs={epochs}" for k in range(method.blocks)),
-        f"seed={job.seed}",
-        *(QUICK if quick else ()),
-    ]
+    full_tokens, full_epochs = BUDGETS[job.budget]
+    warmup = max(1, round(REFERENCE_WARMUP * full_tokens * full_epochs / REFERENCE_TOKENS))
+    schedule = [f"block_schedule.blocks.{k}.epochs={epochs}" for k in range(method.blocks)]
+    if warmup != REFERENCE_WARMUP:
+        schedule += [f"block_schedule.blocks.{k}.warmup_steps={warmup}" for k in range(method.blocks)]
+    quick_sizes = QUICK if quick else ()
+    return [*method.overrides, f"data.max_train_tokens={tokens}", *schedule, f"seed={job.seed}", *quick_sizes]
 
 
 def run_job(job: Job, out: Path, quick: bool, threads: int | None, keep_dumps: bool) -> str:
     run_dir = out / job.name
     if (run_dir / "results.json").is_file():
         return f"{job.name}: done before, skipped"
+    lock = run_dir / "study.lock"  # holds the pid of the study running this job
+    if lock.is_file() and _alive(int(lock.read_text() or 0)):
+        return f"{job.name}: being run by process {lock.read_text()}, skipped"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock.write_text(str(os.getpid()))
+    try:
+        return _run(job, run_dir, quick, threads, keep_dumps)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return pid > 0
+
+
+def _run(job: Job, run_dir: Path, quick: bool, threads: int | None, keep_dumps: bool) -> str:
     command = [sys.executable, str(REPO / "train.py"), *job_overrides(job, quick), f"hydra.run.dir={run_dir}",
                "trainer.progress=false", *([f"trainer.num_threads={threads}"] if threads else [])]  # fmt: skip
-    run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "study.log", "a") as log:
         done = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False)
     if done.returncode:
@@ -274,17 +298,36 @@ def budget_lines(groups: dict[tuple[str, str], list[dict]], budgets: list[str]) 
 
 
 def dense_gap_lines(groups: dict[tuple[str, str], list[dict]]) -> list[str]:
+    """The two dense baselines (one architecture, two training code paths) against their seed spread."""
     universal = groups.get(("dense (Universal Standard)", "400k"))
     lego_path = groups.get((DENSE, "400k"))
     if not universal or not lego_path:
         return []
     a, b = stat(lego_path, "test_ppl"), stat(universal, "test_ppl")
+    word = verdict(b, a).replace("ahead", "better than").replace("behind", "worse than")
     return [
-        "### The two dense baselines",
+        "## The two dense baselines",
         "",
-        f"At 400k tokens the same 4-layer architecture scores test PPL {a} through LEGO's training code and {b} "
-        f"through the Universal joint trainer (Standard preset): Universal is "
-        f"{verdict(b, a).replace('ahead', 'better').replace('behind', 'worse')} against LEGO's path.",
+        f"At 400k tokens the same 4-layer architecture scores test PPL {a} through LEGO's training code "
+        f"(`+experiment=compare_dense_block`) and {b} through the Universal joint trainer's Standard preset "
+        f"(`+experiment=compare_dense`): Universal is {word} LEGO's path.",
+        "",
+        "The earlier single-seed table had them 6.5 % apart. Reading both code paths found three differences, "
+        "two of them fixed by this study's code:",
+        "",
+        "- **Fixed: gradient clipping.** LEGO clipped its exit classifier's gradient together with the language "
+        "model's (one norm, `grad_clip` 1.0). The classifier reads a detached input, yet its gradient, several "
+        "times the LM's norm early in training, shrank every LM step of every LEGO block. It is now clipped on "
+        "its own (`tests/model/test_semantics.py::test_exit_classifier_training_never_changes_the_language_model`"
+        ": the LM weights are the same with or without the exit loss). Every LEGO number here is after the fix.",
+        "- **Fixed: weight decay.** Universal decayed the norm gains too; it now decays matrices only and uses "
+        "the fused AdamW kernel, exactly as LEGO (`lego.fitting.param_groups`).",
+        "- **Left, by design: the initial weight sample.** At the same seed the two models draw different "
+        "initial weights (same distribution), because Universal's four one-layer blocks each create an exit "
+        "classifier, drawn between the layers. Everything else is the same: AdamW betas and epsilon, learning "
+        "rate, warm-up and cosine schedule, batch size, clipping, data order, loss, one validation at the end, "
+        "and the evaluation code. What remains between them is therefore seed noise, which is what the spread "
+        "above measures.",
         "",
     ]
 
@@ -355,7 +398,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs-only", action="store_true", help="only run (or resume) the study, no reports")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--budgets", nargs="+", choices=list(BUDGETS), default=list(BUDGETS))
+    parser.add_argument("--budgets", nargs="+", choices=list(BUDGETS), default=list(DEFAULT_BUDGETS),
+                        help="training-token budgets, run in the order given (default: %(default)s)")  # fmt: skip
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cores / jobs threads)")
     parser.add_argument("--keep-dumps", action="store_true", help="keep each stage's hard-token dump")
@@ -373,7 +417,8 @@ def main(argv: list[str] | None = None) -> str:
 
     write_report([args.out], args.out, title="LEGO vs dense: seeds and budgets")
     command = "python experiments/compare_methods.py" + (" --quick" if args.quick else "")
-    text = report(args.out, jobs, args.budgets, args.report, command)
+    by_size = sorted(args.budgets, key=lambda name: BUDGETS[name][0] * BUDGETS[name][1])
+    text = report(args.out, jobs, by_size, args.report, command)
     print(text)
     return text
 

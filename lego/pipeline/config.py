@@ -9,6 +9,8 @@ work starts.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -22,6 +24,7 @@ from lego.model import LEGOConfig
 
 METHODS = ("lego", "universal")
 WANDB_MODES = ("offline", "online", "disabled")
+OBJECTIVES = ("val_ppl", "val_ppl_at_cost")
 
 
 @dataclass
@@ -99,6 +102,15 @@ class WandbConf:
 
 
 @dataclass
+class ObjectiveConf:
+    """What `train.py` returns to a Hydra sweeper (Optuna, Ax, ...): a validation number, never a test one, so
+    that tuning never sees the test set. Lower is better."""
+
+    metric: str = "val_ppl"  # val_ppl (calibrated early exit) | val_ppl_at_cost (best over the exit shares below)
+    max_honest_cost: float = 0.8  # val_ppl_at_cost: the lowest val PPL of the threshold scan at this honest cost
+
+
+@dataclass
 class RunConfig:
     model: ModelConf = field(default_factory=ModelConf)
     block_schedule: BlockScheduleConf = field(default_factory=BlockScheduleConf)
@@ -107,6 +119,7 @@ class RunConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     trainer: TrainerConf = field(default_factory=TrainerConf)
     wandb: WandbConf = field(default_factory=WandbConf)
+    objective: ObjectiveConf = field(default_factory=ObjectiveConf)
     method: str = "lego"  # lego (staged, block by block) | universal (joint, see experiments/universal_trainer.py)
     universal: dict[str, Any] = field(default_factory=dict)  # method=universal: checked by its own schema
     experiment_name: str = "default"
@@ -115,8 +128,26 @@ class RunConfig:
     debug: bool = False  # print tracebacks for user errors too
 
 
+JOB_DIRNAME_CHARS = 64  # longest override part of a sweep job's folder name
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=RunConfig)
+    OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)  # conf/config.yaml hydra.sweep.subdir
+
+
+def job_dirname(num: int, overrides: str) -> str:
+    """A sweep job's folder name: `<num>_<overrides>`, one level, short and safe on any filesystem.
+
+    Hydra's `override_dirname` keeps every character of the overrides, so a path (`data.files=[/data/a.txt]`) would
+    nest the job's folder under its directories. Runs of characters other than letters, digits and `._=,+-` become
+    one `_`; past JOB_DIRNAME_CHARS the name is cut and ends with a hash of the whole, so jobs stay apart.
+    """
+    safe = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", str(overrides)).strip("_")
+    if len(safe) > JOB_DIRNAME_CHARS:
+        digest = hashlib.sha1(str(overrides).encode()).hexdigest()[:8]
+        safe = f"{safe[: JOB_DIRNAME_CHARS - 9]}_{digest}"
+    return f"{num}_{safe}" if safe else str(num)
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
@@ -193,6 +224,9 @@ def _closest(leaf: str, keys: list[str], cutoff: float) -> str | None:
 def validate(run: RunConfig) -> None:
     check_one_of("method", run.method, METHODS)
     check_one_of("wandb.mode", run.wandb.mode, WANDB_MODES)
+    check_one_of("objective.metric", run.objective.metric, OBJECTIVES)
+    if run.objective.max_honest_cost <= 0:
+        raise ConfigError(f"objective.max_honest_cost={run.objective.max_honest_cost} must be positive (e.g. 0.8)")
     m = run.model
     if m.dim < 1 or m.num_heads < 1 or m.dim % m.num_heads or (m.dim // m.num_heads) % 2:
         raise ConfigError(

@@ -106,10 +106,17 @@ def set_exit_share(
 
 
 def threshold_scan(
-    model: LEGOTransformer, val_windows: Tensor, test_windows: Tensor, shares: list[float], batch_size: int, device
+    model: LEGOTransformer,
+    val_windows: Tensor,
+    test_windows: Tensor,
+    shares: list[float],
+    batch_size: int,
+    device,
+    score_val: bool = False,
 ) -> list[dict]:
-    """Test PPL and cost at a range of exit shares (0 = no early exit: the full-depth model). The model's
-    own thresholds are restored afterwards."""
+    """Test PPL and cost at a range of exit shares (0 = no early exit: the full-depth model); with `score_val`
+    also the validation PPL and cost at each (what a sweeper may tune on). The model's own thresholds are
+    restored afterwards."""
     saved = [block.threshold for block in model.blocks]
     rows, cache = [], {}
     try:
@@ -125,6 +132,9 @@ def threshold_scan(
                 "honest_cost": result["honest_cost"],
                 "seconds": result["seconds"],
             })  # fmt: skip
+            if score_val:
+                val = evaluate_routed(model, val_windows, batch_size, device)
+                rows[-1].update(val_ppl=val["ppl"], val_honest_cost=val["honest_cost"])
     finally:
         for block, threshold in zip(model.blocks, saved, strict=True):
             block.threshold = threshold

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -35,18 +36,24 @@ from lego.pipeline.evaluation import evaluate_routed, measure_speedup, threshold
 from lego.pipeline.files import read_json, write_json
 from lego.pipeline.methods import get_method
 from lego.pipeline.plots import make_run_plots
-from lego.pipeline.report import format_results
 from lego.pipeline.staged import dense_compute_reference
+from lego.pipeline.summary import format_results
 from lego.pipeline.tracking import Tracker
+from lego.report.collect import parse_overrides, run_label
 from lego.training_data import TrainingData
 
 # Keys that may change between a run and its resume without changing what is computed.
 VOLATILE_KEYS = ("wandb", "debug", "trainer.progress", "trainer.num_threads", "trainer.device", "cache_dir",
-                 "trainer.memory_budget_mb", "trainer.fsdp")  # fmt: skip
+                 "trainer.memory_budget_mb", "trainer.fsdp", "objective")  # fmt: skip
 
 
-def run_experiment(run: RunConfig, resolved: dict, run_dir: Path, group: str | None = None) -> dict:
-    """Train and evaluate one run in `run_dir`; returns results.json's content ({} on ranks other than 0)."""
+def run_experiment(
+    run: RunConfig, resolved: dict, run_dir: Path, group: str | None = None, overrides: dict[str, str] | None = None
+) -> dict:
+    """Train and evaluate one run in `run_dir`; returns results.json's content ({} on ranks other than 0).
+
+    `group` is the W&B group of a sweep's jobs; `overrides` (key -> value as typed) name the W&B run and sit in
+    its config as flat keys, so W&B can group and plot by what a sweep varied."""
     started = time.perf_counter()
     rank, world = distributed.world()
     if world > 1 and run.method != "lego":
@@ -82,10 +89,12 @@ def run_experiment(run: RunConfig, resolved: dict, run_dir: Path, group: str | N
     )
 
     mode = run.wandb.mode if rank == 0 else "disabled"  # one W&B run, from rank 0
+    overrides = overrides or {}
+    name = run_label(run.experiment_name, overrides) if overrides else f"{run.experiment_name}/{run_dir.name}"
     tracker = Tracker(
-        run_dir=run_dir, config=resolved, mode=mode, project=run.wandb.project, entity=run.wandb.entity,
-        group=run.wandb.group or group, name=run.wandb.name or f"{run.experiment_name}/{run_dir.name}",
-        tags=list(run.wandb.tags),
+        run_dir=run_dir, config={**resolved, "overrides": {k: _typed(v) for k, v in overrides.items()}}, mode=mode,
+        project=run.wandb.project, entity=run.wandb.entity, group=run.wandb.group or group,
+        name=run.wandb.name or name, tags=list(run.wandb.tags),
     )  # fmt: skip
     with tracker:
         stages = get_method(run.method)(run, model, train, val, run_dir, tracker)
@@ -111,7 +120,8 @@ def final_results(
     batch = run.trainer.eval_batch_size
     test = evaluate_routed(model, test_windows, batch, device)
     val = evaluate_routed(model, val_windows, batch, device)
-    scan = threshold_scan(model, val_windows, test_windows, list(run.trainer.threshold_scan), batch, device)
+    at_cost = run.objective.metric == "val_ppl_at_cost"
+    scan = threshold_scan(model, val_windows, test_windows, list(run.trainer.threshold_scan), batch, device, at_cost)
     full_depth = next(row for row in scan if row["target_exit_share"] == 0.0)
     blocks = []
     for block_row, stage in zip(test["blocks"], stages, strict=True):
@@ -158,7 +168,26 @@ def final_results(
         "inference_speedup_rounds": speedup["rounds"],
         "confidence_histograms": test["confidence_histograms"],
         "test_tokens": test["tokens"],
+        "objective_metric": run.objective.metric,
+        "objective": objective(run, val["ppl"], scan),
     }
+
+
+def objective(run: RunConfig, val_ppl: float, scan: list[dict]) -> float:
+    """The number a sweeper minimises: validation PPL with the calibrated exits, or the lowest validation PPL of
+    the threshold scan within `objective.max_honest_cost` (inf when no exit share is that cheap)."""
+    if run.objective.metric == "val_ppl":
+        return val_ppl
+    fitting = [row["val_ppl"] for row in scan if row["val_honest_cost"] <= run.objective.max_honest_cost]
+    return min(fitting, default=float("inf"))
+
+
+def _typed(value: str) -> object:
+    """An override's value as YAML reads it (0.3 a number, so W&B can put it on an axis)."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
 
 
 def pick_device(name: str) -> torch.device:
@@ -235,20 +264,23 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def main(cfg: DictConfig) -> float | None:
-    """Hydra task function (see train.py). Returns the test PPL, for sweepers that optimise it (None on
-    ranks other than 0, which print nothing to stdout: rank 0 reports for all)."""
+    """Hydra task function (see train.py). Returns the validation objective (`objective.metric`), for sweepers
+    that optimise it: never a test number, so tuning cannot fit the test set (None on ranks other than 0,
+    which print nothing to stdout: rank 0 reports for all)."""
     distributed.init_from_env()
     hydra_cfg = HydraConfig.get()
     run_dir = shared_run_dir(Path(hydra_cfg.runtime.output_dir))
     fresh = not (run_dir / "run_config.json").exists()
-    group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    group = f"{cfg.get('experiment_name')}/{Path(hydra_cfg.sweep.dir).name}" if multirun else None
+    overrides = parse_overrides(list(hydra_cfg.overrides.task))
     try:
         run = to_run_config(cfg)
         if not distributed.is_main():
             run.trainer.progress = False
         resolved = OmegaConf.to_container(cfg, resolve=True)
         with _stdout_on_rank_0():
-            return run_experiment(run, resolved, run_dir, group).get("test_ppl")
+            return run_experiment(run, resolved, run_dir, group, overrides).get("objective")
     except LEGOError as err:
         if fresh and distributed.is_main() and not any(run_dir.glob("stage_*")):
             shutil.rmtree(run_dir, ignore_errors=True)  # bad input leaves no half-made run behind

@@ -96,13 +96,23 @@ def read_run(path: Path, name: str) -> Run:
 
 
 def read_overrides(path: Path) -> dict[str, str]:
-    """`.hydra/overrides.yaml` as {key: value}; '+key' / '++key' are shown as 'key', '~key' deletions kept."""
-    listed = _read_yaml(path / ".hydra" / "overrides.yaml") or []
+    """`.hydra/overrides.yaml` as {key: value} (see `parse_overrides`)."""
+    return parse_overrides(_read_yaml(path / ".hydra" / "overrides.yaml") or [])
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """Command-line overrides as {key: value as typed}; '+key' / '++key' are shown as 'key', '~key' kept."""
     overrides = {}
-    for item in listed:
+    for item in items:
         key, _, value = str(item).partition("=")
         overrides[key.lstrip("+")] = value
     return overrides
+
+
+def run_label(experiment: str, overrides: dict[str, str]) -> str:
+    """'small hard_ratio.value=0.3 seed=1': the experiment and the overrides that change what is computed."""
+    shown = [f"{k}={v}" for k, v in overrides.items() if k == "seed" or not (is_noise_key(k) or k == "experiment")]
+    return " ".join([experiment, *shown])
 
 
 def _unfinished_status(path: Path) -> str:

@@ -7,7 +7,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -47,7 +46,3 @@ def spawn_ranks(fn: Callable, world: int, *args) -> None:
     `fn` must be importable (module level); results go through files, not return values."""
     mp.start_processes(_join_and_run, args=(world, free_port(), fn, args), nprocs=world, start_method="spawn")
 
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("lego-cache")

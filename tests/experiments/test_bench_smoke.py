@@ -63,21 +63,31 @@ def test_bench_memory():
     assert all(row[mode]["owned_mb"] > 0 for row in rows for mode in ("in_memory", "streamed"))
 
 
-def test_compare_methods_quick(tmp_path, monkeypatch):
+def test_compare_methods_study_quick(tmp_path, monkeypatch, capsys):
+    """Two methods x two budgets x two seeds at smoke size: the report has per-budget tables with n=2 and a
+    verdict per LEGO method; a re-run resumes (skips every finished run)."""
     from experiments import compare_methods
 
     monkeypatch.setenv("LEGO_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     report = tmp_path / "results.md"
-    text = compare_methods.main(
-        ["--quick", "--out", str(tmp_path / "runs"), "--report", str(report), "--only", "dense", "lego r=0.5"]
-    )
-    assert "| dense |" in text and "| lego r=0.5 |" in text and "lego r=0.5**" in text
+    args = ["--quick", "--out", str(tmp_path / "runs"), "--report", str(report), "--methods", "dense", "lego r=0.3",
+            "--budgets", "400k", "100k", "--seeds", "0", "1"]  # fmt: skip
+    text = compare_methods.main(args)
     assert report.read_text() == text
-    assert (tmp_path / "results_ppl_vs_compute.png").stat().st_size > 1000
-    why = text.split("## Why")[1]
-    row = next(line for line in why.splitlines() if line.startswith("| lego r=0.5 |"))
-    block_0, collection, later, total = (float(cell) for cell in row.split("|")[2:6])
-    assert collection > 0 and later > 0
-    assert abs(block_0 + collection + later - total) <= 0.015  # the parts add up (each rounded to 0.01)
-    assert "(50%)" in row  # the calibration target of hard_ratio 0.5
+    assert text.index("### 100k") < text.index("### 400k")  # budgets by size, whatever the run order
+    for budget in ("100k", "400k"):
+        section = text.split(f"### {budget}")[1].split("###")[0]
+        assert "| dense | 2 |" in section and "| lego r=0.3 | 2 |" in section and "(n=2)" in section
+        verdict = next(line for line in section.splitlines() if line.startswith("- **lego r=0.3**"))
+        assert any(word in verdict for word in ("ahead", "behind", "within noise")), verdict
+    assert (tmp_path / "results_isoflop.png").stat().st_size > 1000
+    assert len((tmp_path / "runs" / "summary.csv").read_text().splitlines()) == 1 + 8
+    finished = sorted((tmp_path / "runs").glob("*/*/*/results.json"))
+    assert len(finished) == 8
+    assert not list((tmp_path / "runs").glob("*/*/*/stage_*/hard_tokens*.safetensors"))  # dumps removed
+    stamps = [path.stat().st_mtime_ns for path in finished]
+    capsys.readouterr()
+    compare_methods.main(args)  # a re-run skips every finished run
+    assert "8 already finished, 0 to run" in capsys.readouterr().out
+    assert [path.stat().st_mtime_ns for path in finished] == stamps

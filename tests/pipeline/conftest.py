@@ -8,11 +8,6 @@ from tests.launch import run_train
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("lego-cache")
-
-
-@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, cache_dir) -> Path:
     """One `+experiment=tiny` run shared by the tests that only read its outputs."""
     run_dir = tmp_path_factory.mktemp("tiny") / "run"

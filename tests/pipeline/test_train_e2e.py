@@ -31,6 +31,10 @@ def test_tiny_run_writes_every_output(tiny_run):
     assert [b["block"] for b in results["blocks"]] == [0, 1]
     for name in ("exit_rates", "confidence_histograms", "ppl_vs_compute", "training_curves"):
         assert (tiny_run / "plots" / f"{name}.png").stat().st_size > 1000
+    # a single run gets its report too (Hydra's callback): one row, status finished
+    assert (tiny_run / "report.html").stat().st_size > 10_000
+    summary = (tiny_run / "summary.csv").read_text().splitlines()
+    assert len(summary) == 2 and ",finished," in summary[1]
 
 
 def test_hard_tokens_are_the_exact_ratio_of_training_tokens(tiny_run):
@@ -116,4 +120,4 @@ def test_two_job_multirun_over_hard_ratio(tmp_path, cache_dir):
     hard_counts = [json.loads((job / "stage_0" / "stats.json").read_text())["hard_count"] for job in jobs]
     assert hard_counts[0] < hard_counts[1]
     groups = {read_offline_run(job)["group"] for job in jobs}
-    assert groups == {sweep.name}
+    assert groups == {f"tiny/{sweep.name}"}
