@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -113,10 +114,11 @@ def threshold_scan(
     batch_size: int,
     device,
     score_val: bool = False,
+    on_share: Callable[[], None] | None = None,
 ) -> list[dict]:
     """Test PPL and cost at a range of exit shares (0 = no early exit: the full-depth model); with `score_val`
-    also the validation PPL and cost at each (what a sweeper may tune on). The model's own thresholds are
-    restored afterwards."""
+    also the validation PPL and cost at each (what a sweeper may tune on). `on_share` is called after each
+    share (progress). The model's own thresholds are restored afterwards."""
     saved = [block.threshold for block in model.blocks]
     rows, cache = [], {}
     try:
@@ -135,6 +137,8 @@ def threshold_scan(
             if score_val:
                 val = evaluate_routed(model, val_windows, batch_size, device)
                 rows[-1].update(val_ppl=val["ppl"], val_honest_cost=val["honest_cost"])
+            if on_share:
+                on_share()
     finally:
         for block, threshold in zip(model.blocks, saved, strict=True):
             block.threshold = threshold

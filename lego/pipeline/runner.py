@@ -26,6 +26,7 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from lego import distributed
 from lego.data import format_summary, prepare_data
@@ -118,10 +119,22 @@ def final_results(
     run: RunConfig, model: LEGOTransformer, val_windows, test_windows, stages: list[dict], device
 ) -> dict:
     batch = run.trainer.eval_batch_size
-    test = evaluate_routed(model, test_windows, batch, device)
-    val = evaluate_routed(model, val_windows, batch, device)
-    at_cost = run.objective.metric == "val_ppl_at_cost"
-    scan = threshold_scan(model, val_windows, test_windows, list(run.trainer.threshold_scan), batch, device, at_cost)
+    shares = sorted({0.0, *run.trainer.threshold_scan})
+    print(
+        f"final evaluation: test and validation with early exit, a threshold scan of {len(shares)} exit shares, "
+        "then the speed-up timing"
+    )
+    with tqdm(total=len(shares) + 3, desc="final evaluation", unit="pass", disable=not run.trainer.progress) as bar:
+        test = evaluate_routed(model, test_windows, batch, device)
+        bar.update()
+        val = evaluate_routed(model, val_windows, batch, device)
+        bar.update()
+        at_cost = run.objective.metric == "val_ppl_at_cost"
+        scan = threshold_scan(model, val_windows, test_windows, shares, batch, device, at_cost, on_share=bar.update)
+        bar.set_description("speed-up timing")
+        # wall time of full-depth forwards over routed ones on the same test batches, alternating rounds
+        speedup = measure_speedup(model, test_windows, batch, device)
+        bar.update()
     full_depth = next(row for row in scan if row["target_exit_share"] == 0.0)
     blocks = []
     for block_row, stage in zip(test["blocks"], stages, strict=True):
@@ -139,8 +152,6 @@ def final_results(
     # training compute: the training steps plus each stage's hard-token collection forward
     train_flops = sum(stage.get("train_flops", 0.0) + stage.get("collect_flops", 0.0) for stage in stages)
     first_stage_tokens = stages[0].get("train_tokens", 0)
-    # wall time of full-depth forwards over routed ones on the same test batches, alternating rounds
-    speedup = measure_speedup(model, test_windows, batch, device)
     dense_reference = dense_compute_reference(model, first_stage_tokens, test_windows.shape[1] - 1)
     return {
         "method": run.method,
