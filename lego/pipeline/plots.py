@@ -171,7 +171,8 @@ def _moving_average(values: list[float], half_window: int) -> list[float]:
     """Mean over a window of 2 * half_window + 1 values centred on each one (shorter at the ends): smooths the
     step-to-step noise without shifting the curve to later steps as a trailing average would."""
     array = np.asarray(values, dtype=float)
-    kernel = np.ones(2 * half_window + 1)
+    half_window = min(half_window, (len(array) - 1) // 2)  # a longer window would lengthen `same` output
+    kernel = np.ones(2 * max(half_window, 0) + 1)
     return list(np.convolve(array, kernel, mode="same") / np.convolve(np.ones_like(array), kernel, mode="same"))
 
 
