@@ -22,6 +22,7 @@ import argparse
 import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from lego.atomic import atomic_write
 from lego.pipeline.files import read_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,10 +153,10 @@ def _run(job: Job, run_dir: Path, quick: bool, threads: int | None, keep_dumps: 
     return f"{job.name}: test PPL {results['test_ppl']:.2f}, {results['wall_seconds']:.0f}s"
 
 
-def run_all(jobs: list[Job], out: Path, quick: bool, parallel: int, keep_dumps: bool) -> None:
-    """Run the jobs, `parallel` at a time (each with cores / parallel threads); failures are reported,
-    not raised, so one broken run does not stop a study of hours."""
-    pending = [job for job in jobs if not (out / job.name / "results.json").is_file()]
+def run_all(jobs: list[Job], out: Path, archive: Path | None, quick: bool, parallel: int, keep_dumps: bool) -> None:
+    """Run the jobs not finished in `out` or `archive`, `parallel` at a time (each with cores / parallel
+    threads); failures are reported, not raised, so one broken run does not stop a study of hours."""
+    pending = [job for job in jobs if not any((d / job.name / "results.json").is_file() for d in (out, archive) if d)]
     print(f"{len(jobs)} runs, {len(jobs) - len(pending)} already finished, {len(pending)} to run", flush=True)
     if not pending:
         return
@@ -227,6 +229,21 @@ def interpolate_log(points: list[tuple[float, float]], x: float) -> float | None
             t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0)) if x1 > x0 else 0.0
             return math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0)))
     return None
+
+
+def archive_runs(out: Path, archive: Path, jobs: list[Job]) -> int:
+    """Copy what the reports read of each finished run (results.json, .hydra/config.yaml, overrides.yaml) from
+    `out` into `archive`: a few kB a run, committed with the docs, so the published numbers can be re-derived
+    (`--report-only`) and a later study resumes from them without the run folders."""
+    copied = 0
+    for job in jobs:
+        source, target = out / job.name, archive / job.name
+        if not (source / "results.json").is_file() or (target / "results.json").is_file():
+            continue
+        for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "results.json"):  # results.json last: complete
+            atomic_write(target / name, lambda tmp, path=source / name: shutil.copyfile(path, tmp))
+        copied += 1
+    return copied
 
 
 def group_runs(out: Path, jobs: list[Job]) -> dict[tuple[str, str], list[dict]]:
@@ -363,8 +380,9 @@ def report(out: Path, jobs: list[Job], budgets: list[str], report_path: Path, co
     lines = [
         "# Results: LEGO vs dense over seeds and token budgets",
         "",
-        f"Made by `{command}` (runs in `{shown}`; `--report-only` rewrites this file and the sweep report "
-        f"`{shown}/report.html` from them).",
+        f"Made by `{command}`. Every finished run's results are kept in `{shown}`: `--report-only` rewrites "
+        "this file and the study's sweep report (`report.html`, `summary.csv`, `summary_by_config.csv` in the "
+        "study folder, `outputs/compare` by default) from them, and a re-run of the study skips them.",
         f"Corpus: {any_run['data']['source']}, test set {any_run['test_tokens']:,} tokens (the same for every run: "
         f"`data.split_seed` is fixed), vocab {any_run['data']['vocab_size']:,}; every model dim 256, 4 layers.",
         "",
@@ -394,6 +412,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "compare", help="the study folder")
     parser.add_argument("--report", type=Path, default=REPO / "docs" / "results.md")
+    parser.add_argument("--archive", type=Path, default=REPO / "docs" / "study_runs",
+                        help="finished runs' results are copied here and the reports read them from here")  # fmt: skip
     parser.add_argument("--report-only", action="store_true", help="only write the reports from finished runs")
     parser.add_argument("--runs-only", action="store_true", help="only run (or resume) the study, no reports")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
@@ -410,15 +430,19 @@ def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     jobs = jobs_for(args.methods, args.budgets, args.seeds)
     if not args.report_only:
-        run_all(jobs, args.out, args.quick, args.jobs, args.keep_dumps)
+        run_all(jobs, args.out, args.archive, args.quick, args.jobs, args.keep_dumps)
+    if args.archive:
+        print(f"{archive_runs(args.out, args.archive, jobs)} finished runs archived in {args.archive}")
     if args.runs_only:
         return ""
     from lego.report import write_report
 
-    write_report([args.out], args.out, title="LEGO vs dense: seeds and budgets")
+    source = args.archive or args.out
+    files = write_report([source], args.out, title="LEGO vs dense: seeds and budgets")
+    print(f"sweep report: {files.html} ({files.finished} runs)")
     command = "python experiments/compare_methods.py" + (" --quick" if args.quick else "")
     by_size = sorted(args.budgets, key=lambda name: BUDGETS[name][0] * BUDGETS[name][1])
-    text = report(args.out, jobs, by_size, args.report, command)
+    text = report(source, jobs, by_size, args.report, command)
     print(text)
     return text
 

@@ -1,5 +1,7 @@
 """Every benchmark script runs at a tiny size, so none of them rots. Not timed: the numbers are not checked."""
 
+import shutil
+
 import pytest
 
 from experiments import bench_block, bench_dense_peer, bench_inference, bench_layer_ops, bench_train_hard
@@ -72,7 +74,7 @@ def test_compare_methods_study_quick(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     report = tmp_path / "results.md"
     args = ["--quick", "--out", str(tmp_path / "runs"), "--report", str(report), "--methods", "dense", "lego r=0.3",
-            "--budgets", "400k", "100k", "--seeds", "0", "1"]  # fmt: skip
+            "--budgets", "400k", "100k", "--seeds", "0", "1", "--archive", str(tmp_path / "archive")]  # fmt: skip
     text = compare_methods.main(args)
     assert report.read_text() == text
     assert text.index("### 100k") < text.index("### 400k")  # budgets by size, whatever the run order
@@ -91,3 +93,9 @@ def test_compare_methods_study_quick(tmp_path, monkeypatch, capsys):
     compare_methods.main(args)  # a re-run skips every finished run
     assert "8 already finished, 0 to run" in capsys.readouterr().out
     assert [path.stat().st_mtime_ns for path in finished] == stamps
+    # the archive alone (a few kB a run) reproduces the report, and a study resumes from it
+    assert len(list((tmp_path / "archive").glob("*/*/*/results.json"))) == 8
+    shutil.rmtree(tmp_path / "runs")
+    assert compare_methods.main([*args, "--report-only"]) == text
+    compare_methods.main(args)
+    assert "8 already finished, 0 to run" in capsys.readouterr().out
