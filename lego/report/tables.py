@@ -39,9 +39,17 @@ def override_columns(runs: list[Run]) -> list[str]:
 
 
 def varying_keys(runs: list[Run]) -> list[str]:
-    """The config keys whose value differs between runs: what a sweep swept (the seed aside)."""
+    """The config keys that tell the configs apart (the seed aside), in first-seen order, leaving out a key that
+    separates no configs the keys before it did not already separate (e.g. a second block's epochs that only
+    the LEGO configs set, when their experiment name already differs)."""
     keys = list(dict.fromkeys(key for run in runs for key, _ in run.config_key()))
-    return [key for key in keys if len({dict(run.config_key()).get(key) for run in runs}) > 1]
+    configs = list({run.config_key(): dict(run.config_key()) for run in runs}.values())
+    chosen: list[str] = []
+    for key in keys:
+        before = len({tuple(config.get(k) for k in chosen) for config in configs})
+        if len({tuple(config.get(k) for k in [*chosen, key]) for config in configs}) > before:
+            chosen.append(key)
+    return chosen
 
 
 def metric_columns(runs: list[Run]) -> list[str]:

@@ -1,9 +1,12 @@
 """Small pieces of the report, without a run: labels, overrides, and smoothing of short curves."""
 
+from pathlib import Path
+
 import pytest
 
 from lego.pipeline.plots import _moving_average
-from lego.report.collect import parse_overrides, run_label
+from lego.report.collect import Run, parse_overrides, run_label
+from lego.report.tables import config_label, group_runs, varying_keys
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 30])
@@ -20,3 +23,22 @@ def test_overrides_and_run_label():
     assert overrides == {"experiment": "small", "hard_ratio.value": "0.3", "seed": "1", "trainer.progress": "false",
                          "model.dim": "64"}  # fmt: skip
     assert run_label("small", overrides) == "small hard_ratio.value=0.3 seed=1 model.dim=64"
+
+
+def test_labels_name_only_the_keys_that_tell_configs_apart():
+    def run(seed, **overrides):
+        return Run(Path("."), "run", {k.replace("__", "."): v for k, v in overrides.items()}, seed, "finished")
+
+    lego = {"experiment": "lego", "block_schedule__blocks__1__epochs": "1"}
+    runs = [
+        run(0, experiment="dense"),
+        run(1, experiment="dense"),
+        run(0, **lego, hard_ratio__value="0.3"),
+        run(0, **lego, hard_ratio__value="0.5"),
+        run(1, **lego, hard_ratio__value="0.5", trainer__progress="0"),
+    ]
+    assert varying_keys(runs) == ["experiment", "hard_ratio.value"]  # the epochs key adds nothing, progress is noise
+    groups = group_runs(runs)
+    assert len(groups) == 3 and [len(g.runs) for g in groups] == [2, 1, 2]
+    labels = [config_label(g, varying_keys(runs)) for g in groups]
+    assert labels == ["dense", "lego hard_ratio=0.3", "lego hard_ratio=0.5"]
