@@ -5,6 +5,7 @@ from omegaconf import DictConfig
 
 import experiments.universal_trainer  # noqa: F401  (registers method=universal)
 from lego.pipeline.config import register_configs
+from lego.pipeline.job_log import hydra_job_log, mirror_output
 from lego.pipeline.runner import main as run_main
 
 register_configs()
@@ -12,7 +13,8 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    return run_main(cfg)
+    with mirror_output(hydra_job_log()):  # train.log holds what the run prints
+        return run_main(cfg)
 
 
 if __name__ == "__main__":
