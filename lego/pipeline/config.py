@@ -141,12 +141,15 @@ def job_dirname(num: int, overrides: str) -> str:
 
     Hydra's `override_dirname` keeps every character of the overrides, so a path (`data.files=[/data/a.txt]`) would
     nest the job's folder under its directories. Runs of characters other than letters, digits and `._=,+-` become
-    one `_`; past JOB_DIRNAME_CHARS the name is cut and ends with a hash of the whole, so jobs stay apart.
+    one `_`; a name longer than JOB_DIRNAME_CHARS keeps its start (the first key) and its end (a path's file name)
+    around a hash of the whole, so jobs stay apart.
     """
     safe = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", str(overrides)).strip("_")
     if len(safe) > JOB_DIRNAME_CHARS:
         digest = hashlib.sha1(str(overrides).encode()).hexdigest()[:8]
-        safe = f"{safe[: JOB_DIRNAME_CHARS - 9]}_{digest}"
+        head = JOB_DIRNAME_CHARS // 3
+        tail = safe[-(JOB_DIRNAME_CHARS - head - len(digest) - 2) :]
+        safe = f"{safe[:head].rstrip('_')}_{digest}_{tail.lstrip('_')}"
     return f"{num}_{safe}" if safe else str(num)
 
 
