@@ -68,6 +68,7 @@ DEFAULT_BUDGETS = ("400k", "100k", "800k", "200k")  # run in this order: the noi
 # Every budget keeps the compare presets' schedule shape: 50 warmup steps at 400k tokens, scaled with the budget
 # (100k tokens are 49 steps: a fixed 50-step warmup would never reach the peak learning rate).
 REFERENCE_TOKENS, REFERENCE_WARMUP = 400_000, 50
+EXTRAPOLATE = 1.5  # how far past the dense runs' FLOPs range their curve is extended for the isoFLOP verdict
 SEEDS = (0, 1, 2)
 QUICK = ("model.dim=32", "model.num_heads=2", "tokenizer=bytes", "data.seq_len=32", "data.max_eval_tokens=2000",
          "trainer.threshold_scan=[0.0,0.5]", "trainer.eval_batch_size=16", "wandb=disabled")  # fmt: skip
@@ -203,7 +204,7 @@ class Stat:
         if self.n == 0:
             return "-"
         spread = f" ± {self.sd:.2f}" if math.isfinite(self.sd) else ""
-        return f"{self.mean:.2f}{spread} (n={self.n})"
+        return f"{self.mean:.2f}{spread}"
 
     @property
     def se(self) -> float:
@@ -221,14 +222,17 @@ def verdict(lego: Stat, dense: Stat) -> str:
     return f"{word} ({diff / dense.mean:+.1%} ± {2 * se / dense.mean:.1%})"
 
 
-def interpolate_log(points: list[tuple[float, float]], x: float) -> float | None:
-    """y at x on the piecewise-linear curve through (log x, log y) points; None outside their range."""
+def interpolate_log(points: list[tuple[float, float]], x: float) -> tuple[float, bool] | None:
+    """(y at x, extrapolated?) on the piecewise-linear curve through (log x, log y) points. Past either end the
+    end segment is extended, by at most EXTRAPOLATE x; further out, or with fewer than two points, None."""
     points = sorted(points)
-    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
-        if x0 <= x <= x1:
-            t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0)) if x1 > x0 else 0.0
-            return math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0)))
-    return None
+    if len(points) < 2 or not points[0][0] / EXTRAPOLATE <= x <= points[-1][0] * EXTRAPOLATE:
+        return None
+    segments = list(zip(points, points[1:], strict=False))
+    end = segments[0 if x < points[0][0] else -1]
+    (x0, y0), (x1, y1) = next(((a, b) for a, b in segments if a[0] <= x <= b[0]), end)
+    t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0)) if x1 > x0 else 0.0
+    return math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0))), not points[0][0] <= x <= points[-1][0]
 
 
 def archive_runs(out: Path, archive: Path, jobs: list[Job]) -> int:
@@ -300,8 +304,8 @@ def budget_lines(groups: dict[tuple[str, str], list[dict]], budgets: list[str]) 
             flops = stat(runs, "train_flops").mean
             iso = interpolate_log(dense_curve, flops)
             iso_text = (
-                f"dense interpolated to LEGO's {flops / dense_flops:.2f}x FLOPs: {iso:.2f}, LEGO "
-                f"{verdict(calibrated, Stat(iso, dense_ppl.sd, dense_ppl.n))}"
+                f"dense {'extrapolated' if iso[1] else 'interpolated'} to LEGO's {flops / dense_flops:.2f}x FLOPs: "
+                f"{iso[0]:.2f}, LEGO {verdict(calibrated, Stat(iso[0], dense_ppl.sd, dense_ppl.n))}"
                 if iso is not None
                 else f"LEGO's {flops / dense_flops:.2f}x dense FLOPs is outside the dense runs' range"
             )
@@ -399,9 +403,10 @@ def report(out: Path, jobs: list[Job], budgets: list[str], report_path: Path, co
         *budget_lines(groups, budgets),
         *dense_gap_lines(groups),
     ]
-    missing = [job.name for job in jobs if (job.method, job.budget) not in groups]
+    missing = [job.name for job in jobs if not (out / job.name / "results.json").is_file()]
     if missing:
-        lines += [f"Not run yet ({len(missing)} runs): the study resumes them when re-run.", ""]
+        lines += [f"Not run yet: {len(missing)} of {len(jobs)} runs ({', '.join(missing)}); a re-run of the study "
+                  "resumes them.", ""]  # fmt: skip
     text = "\n".join(lines)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(text)
@@ -438,6 +443,8 @@ def main(argv: list[str] | None = None) -> str:
     from lego.report import write_report
 
     source = args.archive or args.out
+    if not any(source.glob("*/*/*/results.json")):
+        raise SystemExit(f"error: no finished run in {source}; run the study first (without --report-only)")
     files = write_report([source], args.out, title="LEGO vs dense: seeds and budgets")
     print(f"sweep report: {files.html} ({files.finished} runs)")
     command = "python experiments/compare_methods.py" + (" --quick" if args.quick else "")

@@ -80,7 +80,7 @@ def test_compare_methods_study_quick(tmp_path, monkeypatch, capsys):
     assert text.index("### 100k") < text.index("### 400k")  # budgets by size, whatever the run order
     for budget in ("100k", "400k"):
         section = text.split(f"### {budget}")[1].split("###")[0]
-        assert "| dense | 2 |" in section and "| lego r=0.3 | 2 |" in section and "(n=2)" in section
+        assert "| dense | 2 |" in section and "| lego r=0.3 | 2 |" in section and " ± " in section
         verdict = next(line for line in section.splitlines() if line.startswith("- **lego r=0.3**"))
         assert any(word in verdict for word in ("ahead", "behind", "within noise")), verdict
     assert (tmp_path / "results_isoflop.png").stat().st_size > 1000
