@@ -21,6 +21,7 @@ from lego.data import DataConfig, TokenizerConfig
 from lego.errors import ConfigError, check_one_of
 from lego.fitting import DUMP_DTYPES, FitConfig
 from lego.model import LEGOConfig
+from lego.pipeline.config_help import format_config_groups
 
 METHODS = ("lego", "universal")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -134,6 +135,7 @@ JOB_DIRNAME_CHARS = 64  # longest override part of a sweep job's folder name
 def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=RunConfig)
     OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)  # conf/config.yaml hydra.sweep.subdir
+    OmegaConf.register_new_resolver("config_groups", format_config_groups, replace=True)  # conf/hydra/help/lego.yaml
 
 
 def job_dirname(num: int, overrides: str) -> str:
