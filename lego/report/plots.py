@@ -20,6 +20,7 @@ from lego.report.tables import ConfigGroup
 
 DPI = 110
 LEGEND_WIDTH = 38  # characters per legend line
+PPL_LABEL = "test perplexity (calibrated early exit)"
 
 
 def color(i: int) -> str:
@@ -38,12 +39,8 @@ def plot_ppl_vs_cost(groups: list[ConfigGroup], labels: list[str], path: Path) -
             ys = [_nan(row.get("test_ppl")) for row in scan]
             ax.plot(xs, ys, color=color(i), alpha=0.25, linewidth=1)
         _errorbar(ax, group, "honest_cost", "test_ppl", color(i), label)
-    ax.set_xlabel(X_LABELS["honest_cost"])
-    ax.set_ylabel("test perplexity (calibrated early exit)")
-    ax.set_title("Test PPL vs inference cost (faint: each run's threshold scan)")
-    ax.grid(alpha=0.3)
-    _legend(fig, ax)
-    return _save(fig, path)
+    return _finish(fig, ax, path, X_LABELS["honest_cost"], PPL_LABEL,
+                   "Test PPL vs inference cost (faint: each run's threshold scan)", alpha=0.3)  # fmt: skip
 
 
 def plot_ppl_vs_train_flops(groups: list[ConfigGroup], labels: list[str], path: Path) -> bytes:
@@ -57,18 +54,14 @@ def plot_ppl_vs_train_flops(groups: list[ConfigGroup], labels: list[str], path: 
     flops = [f for f in flops if f]
     if flops and max(flops) > 8 * min(flops):
         ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs (training steps + hard-token collection)")
-    ax.set_ylabel("test perplexity (calibrated early exit)")
-    ax.set_title("Test PPL vs training compute (error bars: sd over seeds)")
-    ax.grid(alpha=0.3, which="both")
-    _legend(fig, ax)
-    return _save(fig, path)
+    return _finish(fig, ax, path, "training FLOPs (training steps + hard-token collection)", PPL_LABEL,
+                   "Test PPL vs training compute (error bars: sd over seeds)", alpha=0.3, which="both")  # fmt: skip
 
 
 def plot_exit_rates(groups: list[ConfigGroup], labels: list[str], path: Path) -> bytes:
     """Share of test tokens exiting at each block, one bar per config (sd over seeds as error bars)."""
     n_blocks = max((len(run.results.get("exit_rates") or []) for g in groups for run in g.finished), default=0)
-    fig = Figure(figsize=(max(6.0, 1.2 * n_blocks * max(1, len(groups)) ** 0.5 + 5), 4.6), layout="constrained")
+    fig = Figure(figsize=(min(11.0, max(6.0, 1.2 * n_blocks * max(1, len(groups)) ** 0.5 + 5)), 4.6), layout="constrained")
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(groups))
     for i, (group, label) in enumerate(zip(groups, labels, strict=True)):
@@ -79,11 +72,8 @@ def plot_exit_rates(groups: list[ConfigGroup], labels: list[str], path: Path) ->
         ax.bar(xs, heights, width=width, yerr=errors, capsize=3, color=color(i), label=label)
     ax.set_xticks(range(n_blocks), [f"block {k}" for k in range(n_blocks)])
     ax.set_ylim(0, 1)
-    ax.set_ylabel("share of test tokens exiting here")
-    ax.set_title("Where tokens exit, per config (error bars: sd over seeds)")
-    ax.grid(alpha=0.3, axis="y")
-    _legend(fig, ax)
-    return _save(fig, path)
+    return _finish(fig, ax, path, None, "share of test tokens exiting here",
+                   "Where tokens exit, per config (error bars: sd over seeds)", alpha=0.3, axis="y")  # fmt: skip
 
 
 def plot_confidence(groups: list[ConfigGroup], labels: list[str], path: Path) -> bytes:
@@ -181,12 +171,7 @@ def plot_series(
                         fontsize=8, color=color(i))  # fmt: skip
     if log_x:
         ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3, which="both")
-    _legend(fig, ax)
-    return _save(fig, path)
+    return _finish(fig, ax, path, xlabel, ylabel, title, alpha=0.3, which="both")
 
 
 def _errorbar(ax, group: ConfigGroup, x: str, y: str, colour: str, label: str) -> None:
@@ -195,6 +180,17 @@ def _errorbar(ax, group: ConfigGroup, x: str, y: str, colour: str, label: str) -
         return
     ax.errorbar([mx], [my], xerr=[_zero(sx)], yerr=[_zero(sy)], color=colour, marker="o", markersize=7, capsize=4,
                 linestyle="", label=f"{label} (n={min(nx, ny)})")  # fmt: skip
+
+
+def _finish(fig: Figure, ax, path: Path, xlabel: str | None, ylabel: str, title: str, **grid) -> bytes:
+    """Label the axes, grid, legend outside the axes, save."""
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(**grid)
+    _legend(fig, ax)
+    return _save(fig, path)
 
 
 def _legend(fig: Figure, ax) -> None:
