@@ -61,7 +61,8 @@ def plot_ppl_vs_train_flops(groups: list[ConfigGroup], labels: list[str], path: 
 def plot_exit_rates(groups: list[ConfigGroup], labels: list[str], path: Path) -> bytes:
     """Share of test tokens exiting at each block, one bar per config (sd over seeds as error bars)."""
     n_blocks = max((len(run.results.get("exit_rates") or []) for g in groups for run in g.finished), default=0)
-    fig = Figure(figsize=(min(11.0, max(6.0, 1.2 * n_blocks * max(1, len(groups)) ** 0.5 + 5)), 4.6), layout="constrained")
+    width_inches = min(11.0, max(6.0, 1.2 * n_blocks * max(1, len(groups)) ** 0.5 + 5))
+    fig = Figure(figsize=(width_inches, 4.6), layout="constrained")
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(groups))
     for i, (group, label) in enumerate(zip(groups, labels, strict=True)):
