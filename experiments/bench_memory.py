@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(row)
             dump.unlink()
     print(
-        f"stage memory: dim {args.dim}, seq {args.seq}; a dump costs 4*dim + 9 = {4 * args.dim + 9} bytes/token "
-        "(float32 state, int64 target, bool mask)"
+        f"stage memory: dim {args.dim}, seq {args.seq}; a dump costs 4*dim + 5 = {4 * args.dim + 5} bytes/token "
+        "(float32 state, int32 target, bool mask)"
     )
     print(
         f"{'tokens':>10} {'dump MB':>8} {'B/token':>8} {'in memory: owned / total RSS':>30} "
