@@ -13,6 +13,7 @@ def offline_env(cache_dir: Path) -> dict[str, str]:
     env = {**os.environ, "LEGO_CACHE_DIR": str(cache_dir), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env["WANDB_SILENT"] = "true"
     env.pop("HYDRA_FULL_ERROR", None)
+    env.pop("WANDB_SERVICE", None)  # each run its own W&B service, not the one a test process started
     return env
 
 

@@ -121,6 +121,12 @@ class UniversalConfig:
         self.layer_lr_scales = _int_keys("layer_lr_scales", self.layer_lr_scales)
         self.exit_thresholds = _int_keys("exit_thresholds", self.exit_thresholds)
         if isinstance(self.alpha_schedule, dict):
+            known = {f.name for f in fields(AlphaSchedule)}
+            unknown = sorted(set(self.alpha_schedule) - known)
+            if unknown:
+                raise ConfigError(
+                    f"universal.alpha_schedule.{unknown[0]} is unknown; use {', '.join(sorted(known))}"
+                )
             self.alpha_schedule = AlphaSchedule(**self.alpha_schedule)
         if self.layer_weights is None and self.alpha_schedule is None:
             raise ConfigError("universal.layer_weights is missing: give weights, a preset or an alpha_schedule")

@@ -41,6 +41,7 @@ def test_run_node_with_string_keys_and_end_points():
         ({"preset": "lpt", "routing_threshold": 2}, "universal.routing_threshold"),
         ({"preset": "lpt", "confidence_method": "vibes"}, "universal.confidence_method"),
         ({}, "universal.layer_weights"),
+        ({"alpha_schedule": {"kind": "linear", "foo": 1}}, "universal.alpha_schedule.foo"),
     ],
 )
 def test_bad_nodes_name_the_key(node, key):
