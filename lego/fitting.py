@@ -413,6 +413,7 @@ def fit_block(
                 _sum_gradients(replicated)
             grad_norm, _ = (clip(subset, config.grad_clip) for subset in clip_sets)  # the LM's norm is reported
             optimizer.step()
+            block.update_moe_bias()  # MoE layers' aux-loss-free balancing: outside autograd, once per step
             scheduler.step()
             state["step"] += 1
             stats.train_tokens += n_tokens
@@ -496,7 +497,11 @@ def train_step(
     labels = torch.exp(-ce.detach()) if config.soft_exit_labels else right.float()
     exit_logit = out.exit_logit.reshape(-1).index_select(0, out.logits_index)
     exit_loss = F.binary_cross_entropy_with_logits(exit_logit.float(), labels)
-    return lm_loss + config.exit_loss_weight * exit_loss, lm_loss.detach(), exit_loss.detach(), ce.numel()
+    loss = lm_loss + config.exit_loss_weight * exit_loss
+    moe_loss = block.moe_aux_loss()  # MoE layers' load-balancing and router z-losses, over the routed tokens
+    if moe_loss is not None:
+        loss = loss + moe_loss
+    return loss, lm_loss.detach(), exit_loss.detach(), ce.numel()
 
 
 def _global_step(

@@ -229,14 +229,20 @@ class SwiGLU(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm layer: x + attn(norm(x)), then + ffn(norm(x))."""
+    """Pre-norm layer: x + attn(norm(x)), then + ffn(norm(x)).
 
-    def __init__(self, dim: int, num_heads: int, hidden_dim: int, norm_eps: float = 1e-5) -> None:
+    `ffn` replaces the SwiGLU (a `lego.moe.MoEFeedForward`): a module mapping (..., dim) to (..., dim). The
+    sparse path hands it the active tokens only, so an MoE routes and computes nothing for kept tokens.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, hidden_dim: int, norm_eps: float = 1e-5, ffn: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(dim, eps=norm_eps)
         self.attn = CausalSelfAttention(dim, num_heads)
         self.ffn_norm = RMSNorm(dim, eps=norm_eps)
-        self.ffn = SwiGLU(dim, hidden_dim)
+        self.ffn = SwiGLU(dim, hidden_dim) if ffn is None else ffn
 
     def _attention_input(self, *xs: Tensor) -> tuple[list[Tensor], Tensor | None]:
         """The attention's normalized inputs, and the norm weight if it is to be folded into the projection.
@@ -264,12 +270,14 @@ class TransformerLayer(nn.Module):
         return x_active + self.ffn(self.ffn_norm(x_active))
 
 
-def layer_token_flops(dim: int, hidden_dim: int, context: float) -> tuple[float, float]:
+def layer_token_flops(dim: int, hidden_dim: int, context: float, ffn_flops: float | None = None) -> tuple[float, float]:
     """Forward FLOPs of one layer for one token: (full work of an active token, K/V work of a kept one).
 
     `context` is the number of keys the token's query attends to (about (seq+1)/2 under a causal mask).
-    Norms and elementwise ops are left out: they are a few percent at any realistic width.
+    `ffn_flops`: the FFN's per-token FLOPs when it is not the SwiGLU of width `hidden_dim` (an MoE's
+    active experts and router). Norms and elementwise ops are left out: a few percent at any realistic width.
     """
     kv = 2 * dim * 2 * dim
-    full = 2 * dim * dim * 2 + kv + 2 * dim * 2 * hidden_dim + 2 * hidden_dim * dim + 2 * 2 * dim * context
+    ffn = 2 * dim * 2 * hidden_dim + 2 * hidden_dim * dim if ffn_flops is None else ffn_flops
+    full = 2 * dim * dim * 2 + kv + ffn + 2 * 2 * dim * context
     return float(full), float(kv)

@@ -13,7 +13,8 @@ Depends on torch and safetensors only, so it can be used from a notebook.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lego.layers import RMSNorm, RotaryEmbedding, SparseLayout, TransformerLayer, layer_token_flops, swiglu_hidden_dim
+from lego.moe import MoEConfig, MoEFeedForward
 
 if TYPE_CHECKING:
     from lego.fitting import FitConfig, FitStats
@@ -66,6 +68,8 @@ class LEGOBlock(nn.Module):
     "max_softmax" / "entropy" read off the block's own logits.
     The shared LM head belongs to `LEGOTransformer`; the block only holds a reference to it (not a
     submodule), so a block's parameters and optimizer never include the head.
+    With `moe`, the layers numbered in `moe_layers` (all of them when None) get an MoE feed-forward
+    (`lego.moe`) instead of the SwiGLU; its training needs `moe_aux_loss()` and `update_moe_bias()`.
     """
 
     def __init__(
@@ -80,6 +84,8 @@ class LEGOBlock(nn.Module):
         norm_eps: float = 1e-5,
         threshold: float = float("inf"),
         confidence_method: ConfidenceMethod = "learned",
+        moe: MoEConfig | None = None,
+        moe_layers: Collection[int] | None = None,
     ) -> None:
         super().__init__()
         if dim <= 0 or num_heads <= 0 or dim % num_heads or (dim // num_heads) % 2:
@@ -91,9 +97,14 @@ class LEGOBlock(nn.Module):
         self.dim, self.num_heads, self.num_layers = dim, num_heads, num_layers
         self.hidden_dim = hidden_dim or swiglu_hidden_dim(dim)
         self.rope = RotaryEmbedding(dim // num_heads, max_seq_len, rope_base)
+        moe_layers = range(num_layers) if moe_layers is None else moe_layers
         self.layers = nn.ModuleList(
-            TransformerLayer(dim, num_heads, self.hidden_dim, norm_eps) for _ in range(num_layers)
-        )
+            TransformerLayer(
+                dim, num_heads, self.hidden_dim, norm_eps,
+                ffn=MoEFeedForward(dim, self.hidden_dim, moe) if moe is not None and i in moe_layers else None,
+            )
+            for i in range(num_layers)
+        )  # fmt: skip
         self.norm_out = RMSNorm(dim, eps=norm_eps)
         self.exit_classifier = nn.Linear(dim, 1)
         self.register_buffer("threshold_", torch.tensor(float(threshold)))
@@ -212,16 +223,54 @@ class LEGOBlock(nn.Module):
 
         return fit_block(self, train, val, config, embedding=embedding, callback=callback)
 
+    # -- mixture of experts ----------------------------------------------------------------------
+    @property
+    def moe_ffns(self) -> list[MoEFeedForward]:
+        """The MoE feed-forwards of this block's layers (empty for a dense block)."""
+        return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoEFeedForward)]
+
+    def moe_aux_loss(self) -> Tensor | None:
+        """The weighted balancing and z-losses of the last forward's MoE layers, to add to the training loss
+        (None when there are none: a dense block, or MoE layers whose weights make them zero)."""
+        losses = [ffn.aux_loss for ffn in self.moe_ffns if ffn.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    def update_moe_bias(self) -> None:
+        """After every optimizer step: each MoE layer's aux-loss-free bias step (`MoEFeedForward.update_bias`)."""
+        for ffn in self.moe_ffns:
+            ffn.update_bias()
+
+    # -- FLOPs -----------------------------------------------------------------------------------
+    def _layer_token_flops(self, seq_len: int) -> Counter[tuple[float, float]]:
+        """How many layers have each (full, kv-only) per-token forward FLOPs (one entry for a uniform block);
+        an MoE layer counts its router and active experts only."""
+        context = (seq_len + 1) / 2
+        return Counter(
+            layer_token_flops(
+                self.dim, self.hidden_dim, context,
+                layer.ffn.token_flops() if isinstance(layer.ffn, MoEFeedForward) else None,
+            )
+            for layer in self.layers
+        )  # fmt: skip
+
     def layer_flops(self, seq_len: int) -> tuple[float, float]:
-        """(full, kv-only) forward FLOPs per token per layer, see `layers.layer_token_flops`."""
-        return layer_token_flops(self.dim, self.hidden_dim, (seq_len + 1) / 2)
+        """(full, kv-only) forward FLOPs per token per layer, averaged over the block's layers, see
+        `layers.layer_token_flops`."""
+        groups = self._layer_token_flops(seq_len)
+        if len(groups) == 1:
+            return next(iter(groups))
+        full = sum(flops[0] * count for flops, count in groups.items()) / self.num_layers
+        return full, sum(flops[1] * count for flops, count in groups.items()) / self.num_layers
 
     def forward_flops(self, n_active: int, n_tokens: int, seq_len: int, n_logits: int = 0) -> float:
         """Forward FLOPs of one call: full layer work for the active tokens, K/V for the kept ones, and
         the shared head for `n_logits` tokens."""
-        full, kv = self.layer_flops(seq_len)
         head = 2 * self.dim * self.head.out_features if n_logits else 0
-        return (n_active * full + (n_tokens - n_active) * kv) * self.num_layers + n_logits * head
+        layers = sum(
+            (n_active * full + (n_tokens - n_active) * kv) * count
+            for (full, kv), count in self._layer_token_flops(seq_len).items()
+        )
+        return layers + n_logits * head
 
 
 @dataclass
@@ -237,6 +286,7 @@ class LEGOConfig:
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    moe: MoEConfig | None = None  # MoE feed-forwards in the layers `moe.layers` names; None: dense SwiGLUs
 
 
 @dataclass
@@ -300,13 +350,15 @@ class LEGOTransformer(nn.Module):
 
     @classmethod
     def from_config(cls, config: LEGOConfig) -> LEGOTransformer:
-        blocks = [
-            LEGOBlock(
+        blocks, first_layer = [], 0
+        for k, num_layers in enumerate(config.layers_per_block):
+            moe_layers = [i for i in range(num_layers) if config.moe and config.moe.uses_moe(k, first_layer + i)]
+            first_layer += num_layers
+            blocks.append(LEGOBlock(
                 config.dim, config.num_heads, num_layers, hidden_dim=config.hidden_dim,
                 max_seq_len=config.max_seq_len, rope_base=config.rope_base, norm_eps=config.norm_eps,
-            )
-            for num_layers in config.layers_per_block
-        ]  # fmt: skip
+                moe=config.moe, moe_layers=moe_layers,
+            ))  # fmt: skip
         return cls(config.vocab_size, config.dim, blocks, tie_embeddings=config.tie_embeddings)
 
     @property
