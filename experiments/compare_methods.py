@@ -269,7 +269,7 @@ def budget_lines(groups: dict[tuple[str, str], list[dict]], budgets: list[str]) 
     dense_curve = []  # (mean train FLOPs, mean test PPL) per budget, for the isoFLOP interpolation
     for budget in budgets:
         runs = groups.get((DENSE, budget))
-        if runs:
+        if runs and len(runs) >= 2:  # a single seed is no point to compare against
             dense_curve.append((stat(runs, "train_flops").mean, stat(runs, "test_ppl").mean))
     lines = []
     for budget in budgets:
@@ -325,13 +325,14 @@ def dense_gap_lines(groups: dict[tuple[str, str], list[dict]]) -> list[str]:
     if not universal or not lego_path:
         return []
     a, b = stat(lego_path, "test_ppl"), stat(universal, "test_ppl")
-    word = verdict(b, a).replace("ahead", "better than").replace("behind", "worse than")
+    word = verdict(b, a).replace("ahead", "better than LEGO's").replace("behind", "worse than LEGO's")
+    word = word.replace("within noise", "within noise of LEGO's")
     return [
         "## The two dense baselines",
         "",
         f"At 400k tokens the same 4-layer architecture scores test PPL {a} through LEGO's training code "
         f"(`+experiment=compare_dense_block`) and {b} through the Universal joint trainer's Standard preset "
-        f"(`+experiment=compare_dense`): Universal is {word} LEGO's path.",
+        f"(`+experiment=compare_dense`): Universal's path is {word}.",
         "",
         "The earlier single-seed table had them 6.5 % apart. Reading both code paths found three differences, "
         "two of them fixed by this study's code:",
@@ -405,7 +406,9 @@ def report(out: Path, jobs: list[Job], budgets: list[str], report_path: Path, co
     ]
     missing = [job.name for job in jobs if not (out / job.name / "results.json").is_file()]
     if missing:
-        lines += [f"Not run yet: {len(missing)} of {len(jobs)} runs ({', '.join(missing)}); a re-run of the study "
+        per_budget = ", ".join(f"{b}: {sum(m.split('/')[1] == b for m in missing)}" for b in budgets
+                               if any(m.split("/")[1] == b for m in missing))  # fmt: skip
+        lines += [f"Not run yet: {len(missing)} of {len(jobs)} runs ({per_budget}); a re-run of the study "
                   "resumes them.", ""]  # fmt: skip
     text = "\n".join(lines)
     report_path.parent.mkdir(parents=True, exist_ok=True)
