@@ -121,7 +121,7 @@ def final_results(
     batch = run.trainer.eval_batch_size
     shares = sorted({0.0, *run.trainer.threshold_scan})
     print(
-        f"final evaluation: test and validation with early exit, a threshold scan of {len(shares)} exit shares, "
+        f"final evaluation: test and validation through the exits, a threshold scan of {len(shares)} exit shares, "
         "then the speed-up timing"
     )
     with tqdm(total=len(shares) + 3, desc="final evaluation", unit="pass", disable=not run.trainer.progress) as bar:
