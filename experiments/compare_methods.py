@@ -23,7 +23,6 @@ import math
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +31,7 @@ from pathlib import Path
 
 from lego.atomic import atomic_write
 from lego.pipeline.files import read_json
+from lego.report.tables import mean_sd_n
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -195,10 +195,8 @@ class Stat:
 
     @classmethod
     def of(cls, values: list[float]) -> Stat:
-        values = [v for v in values if v is not None and math.isfinite(v)]
-        if not values:
-            return cls(math.nan, math.nan, 0)
-        return cls(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan, len(values))
+        mean, sd, n = mean_sd_n(values)
+        return cls(math.nan if mean is None else mean, math.nan if sd is None else sd, n)
 
     def __str__(self) -> str:
         if self.n == 0:

@@ -26,11 +26,16 @@ class ConfigGroup:
 
     def stat(self, metric: str) -> tuple[float | None, float | None, int]:
         """(mean, sample sd, n) of a metric over the finished runs that have it; sd None below two runs."""
-        values = [v for run in self.finished if (v := run.metrics().get(metric)) is not None]
-        if not values:
-            return None, None, 0
-        sd = statistics.stdev(values) if len(values) > 1 else None
-        return statistics.fmean(values), sd, len(values)
+        return mean_sd_n([run.metrics().get(metric) for run in self.finished])
+
+
+def mean_sd_n(values: list[float | None]) -> tuple[float | None, float | None, int]:
+    """(mean, sample sd, n) of the finite values; sd None below two values, mean None with none."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None, None, 0
+    sd = statistics.stdev(values) if len(values) > 1 else None
+    return statistics.fmean(values), sd, len(values)
 
 
 def override_columns(runs: list[Run]) -> list[str]:
