@@ -45,7 +45,7 @@ from lego.training_data import TrainingData
 
 # Keys that may change between a run and its resume without changing what is computed.
 VOLATILE_KEYS = ("wandb", "debug", "trainer.progress", "trainer.num_threads", "trainer.device", "cache_dir",
-                 "trainer.memory_budget_mb", "trainer.fsdp", "objective")  # fmt: skip
+                 "trainer.memory_budget_mb", "trainer.fsdp", "trainer.dump", "objective")  # fmt: skip
 
 
 def run_experiment(

@@ -13,7 +13,8 @@ Each stage leaves `stage_<k>/` in the run directory:
   checkpoint.pt             while the stage runs (weights_only-loadable); removed when it completes
 A re-run with the same run directory skips complete stages and resumes an interrupted one, on any
 number of ranks: a complete stage's shards are read back re-sharded (`load_shard`), and only the ones
-the first incomplete stage needs. Under torchrun every rank trains on its shard of the data (see
+the first incomplete stage needs. A resume reads whichever of hard_tokens or hard_mask a stage left, so
+`trainer.dump` may change between a run and its resume. Under torchrun every rank trains on its shard of the data (see
 `lego.fitting`); rank 0 alone writes the shared files.
 """
 
@@ -57,12 +58,15 @@ def train_staged(
     ratios = hard_ratios(run)
     rank, world = distributed.world()
     dump, budget = run.trainer.dump, run.trainer.memory_budget_mb
-    token_ids = train  # Block 0's data: what `dump=none` recomputes the later stages' inputs from
-    if dump == "none" and len(model.blocks) > 1:
-        _check_recompute_fits(train, model.dim, budget)
+    token_ids = train  # Block 0's data: what a missing dump's inputs are recomputed from
     stage_dirs = [run_dir / f"stage_{k}" for k in range(len(model.blocks))]
-    # rank 0 decides for all which stages are complete
+    # rank 0 decides for all which stages are complete and what each left for the next one
     complete = distributed.broadcast_object([(path / "stats.json").is_file() for path in stage_dirs])
+    saved = distributed.broadcast_object([_saved_inputs(path) for path in stage_dirs])
+    needed = _inputs_needed(complete, saved)
+    recomputes = any(need and kind == "mask" for need, kind in zip(needed, saved, strict=True))
+    if (dump == "none" and len(model.blocks) > 1) or recomputes:
+        _check_recompute_fits(train, model.dim, budget)
     results: list[StageResult] = []
     for k, block in enumerate(model.blocks):
         last = k == len(model.blocks) - 1
@@ -76,12 +80,16 @@ def train_staged(
             print(f"stage {k}: complete in {stage_dir}, loaded (delete the folder to retrain it)")
             hard = None  # the next stage's inputs: only while a later stage still has to train
             saved_world = stats.get("ranks", 1)
-            if not last and not all(complete[k + 1 :]):
-                if dump == "none":  # recomputed along the chain of complete stages
-                    mask = load_shard(mask_path, saved_world, rank, world, None)
-                    hard = _recompute_hard(k, block, train, embedding, mask, run.trainer.eval_batch_size)
-                elif not complete[k + 1]:  # the dump of the stage before the first incomplete one, no other
-                    hard = load_shard(hard_path, saved_world, rank, world, budget)
+            if needed[k] and saved[k] == "dump":
+                hard = load_shard(hard_path, saved_world, rank, world, budget)
+            elif needed[k] and saved[k] == "mask":  # recomputed along the chain of complete stages
+                mask = load_shard(mask_path, saved_world, rank, world, None)
+                hard = _recompute_hard(k, block, train, embedding, mask, run.trainer.eval_batch_size)
+            elif needed[k]:
+                raise ConfigError(
+                    f"{stage_dir} holds neither hard_tokens nor hard_mask, which Block {k + 1}'s inputs are made "
+                    f"from; delete {stage_dirs[k + 1].name} and the later stage folders to retrain from there"
+                )
             results.append(StageResult(stats, resumed=True))
         else:
             active_share = distributed.global_sum(len(train)) / distributed.global_sum(train.targets.numel())
@@ -133,6 +141,27 @@ def train_staged(
             val = route(block, val, embedding, run.trainer.eval_batch_size, routed_path if stream else None)
             train = hard
     return results
+
+
+def _saved_inputs(stage_dir: Path) -> str | None:
+    """What a stage left of the next block's inputs: "dump" (hard_tokens), "mask" (hard_mask: token ids and
+    the hard tokens, `trainer.dump=none`) or None (the last block, or a dump `trainer.dump=delete` removed)."""
+    if any(stage_dir.glob("hard_tokens*.safetensors")):
+        return "dump"
+    return "mask" if any(stage_dir.glob("hard_mask*.safetensors")) else None
+
+
+def _inputs_needed(complete: list[bool], saved: list[str | None]) -> list[bool]:
+    """Which complete stages must rebuild the next block's inputs on a resume: the one before the first
+    incomplete stage, and, going back, each one whose next stage left only a mask to recompute from. Decided
+    from the files, not from `trainer.dump`, so a resume may switch between keep, delete and none."""
+    needed = [False] * len(complete)
+    if all(complete):
+        return needed  # nothing left to train
+    first_incomplete = complete.index(False)
+    for k in range(first_incomplete - 1, -1, -1):
+        needed[k] = k == first_incomplete - 1 or (needed[k + 1] and saved[k + 1] == "mask")
+    return needed
 
 
 def _check_recompute_fits(train: TrainingData, dim: int, budget: float | None) -> None:

@@ -116,6 +116,29 @@ def test_none_writes_no_dump_and_a_resume_recomputes_the_same_inputs(tmp_path, c
         assert len(mask) == json.loads((run_dir / f"stage_{k}" / "stats.json").read_text())["hard_count"]
 
 
+@pytest.mark.parametrize("before, after", [("keep", "none"), ("none", "keep"), ("none", "delete")])
+def test_a_resume_may_switch_the_dump_mode(tmp_path, capsys, before, after):
+    reference = stage_run(tmp_path / "reference", blocks=3, dump_dtype="float32")
+    run_dir = tmp_path / "switched"
+    interrupted(run_dir, stage=2, blocks=3, dump=before, dump_dtype="float32")
+    capsys.readouterr()
+    resumed = stage_run(run_dir, blocks=3, dump=after, dump_dtype="float32")
+    # a dump is read back, a mask is recomputed from along the chain (stage 0's and stage 1's)
+    assert capsys.readouterr().out.count("recomputed Block") == (2 if before == "none" else 0)
+    assert_same_weights(resumed, reference, exact=False)
+    assert bool(list(run_dir.glob("stage_2/hard_*"))) is False  # the last block leaves nothing
+    if after == "delete":
+        assert not list(run_dir.glob("stage_*/hard_tokens*"))
+
+
+def test_a_resume_missing_the_inputs_it_needs_says_which_folders_to_delete(tmp_path):
+    run_dir = tmp_path / "run"
+    interrupted(run_dir, stage=2, blocks=3)
+    (run_dir / "stage_1" / "hard_tokens.safetensors").unlink()
+    with pytest.raises(ValueError, match="stage_1 holds neither hard_tokens nor hard_mask.*delete stage_2"):
+        stage_run(run_dir, blocks=3)
+
+
 def test_none_refuses_inputs_larger_than_the_memory_budget(tmp_path):
     with pytest.raises(ValueError, match="trainer.dump=none holds the next stage's inputs in memory"):
         stage_run(tmp_path, dump="none", memory_budget_mb=0.01)
