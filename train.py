@@ -1,10 +1,13 @@
 """LEGO experiment runner: `python train.py +experiment=small` (see README.md for sweeps and resuming)."""
 
+import sys
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
 import experiments.universal_trainer  # noqa: F401  (registers method=universal)
-from lego.pipeline.config import register_configs
+from lego.pipeline.config import exit_on_unknown_override_keys, register_configs
 from lego.pipeline.job_log import hydra_job_log, mirror_output
 from lego.pipeline.runner import main as run_main
 
@@ -18,4 +21,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    exit_on_unknown_override_keys(sys.argv[1:], Path(__file__).parent / "conf")
     main()

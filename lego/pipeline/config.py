@@ -11,7 +11,11 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
+import sys
+import types
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -211,6 +215,80 @@ def _unknown_key_message(key: str, siblings: list[str], known: list[str]) -> str
     near = _closest(leaf, siblings, cutoff=0.6) or _closest(leaf, known, cutoff=0.8)
     hint = f"did you mean {near}?" if near else "no such key; `python train.py --cfg job` prints every key"
     return f"unknown config key {key} ({hint})"
+
+
+def exit_on_unknown_override_keys(args: list[str], conf_dir: Path) -> None:
+    """Exit 2 with one line when a plain command-line override (`model.dimm=3`) names a key no schema knows.
+
+    Hydra would refuse it too, but later, in several lines whose advice (`+model.dimm=3`) adds the typo. Runs
+    before Hydra, on the `key=value` overrides only: `+key` / `++key` ones are checked after composing
+    (`check_known_keys`), config group choices (`model=tiny`, `hydra/sweeper=optuna`) and `hydra.*` keys are
+    Hydra's own, and a syntax error is left to Hydra's parser."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    plain = [arg for arg in args if "=" in arg and not arg.startswith(("-", "+", "~"))]
+    try:
+        overrides = OverridesParser.create().parse_overrides(plain)
+    except HydraException:
+        return
+    known = _schema_keys(RunConfig, "")
+    errors = []
+    for override in overrides:
+        key = override.key_or_group
+        if override.package is not None or key.split(".")[0] == "hydra" or (conf_dir / key).is_dir():
+            continue
+        path, siblings = _schema_path(RunConfig, key.split("."))
+        if path is None:
+            errors.append(_unknown_key_message(_display(key), siblings, known))
+    if errors:
+        print(f"error: {'; '.join(errors)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _schema_path(schema: Any, parts: list[str], prefix: str = "") -> tuple[str | None, list[str]]:
+    """(the key as shown, []) when the dataclass tree under `schema` has the dotted `parts`; else (None, the
+    keys beside the first missing part). A list of dataclasses takes an index; a dict or Any node takes any key."""
+    schema = _without_none(schema)
+    if not parts:
+        return prefix, []
+    head, rest = parts[0], parts[1:]
+    if is_dataclass(schema):
+        hints = typing.get_type_hints(schema)
+        if head not in hints:
+            return None, [f"{prefix}{name}" for name in hints]
+        return _schema_path(hints[head], rest, f"{prefix}{head}.")
+    if typing.get_origin(schema) is list and head.isdigit():
+        return _schema_path(typing.get_args(schema)[0], rest, f"{prefix.rstrip('.')}[{head}].")
+    if schema is Any or typing.get_origin(schema) is dict:
+        return f"{prefix}{'.'.join(parts)}", []  # free-form
+    return None, []  # a value has no keys under it
+
+
+def _schema_keys(schema: Any, prefix: str) -> list[str]:
+    """Every key of the dataclass tree under `schema` (list elements as `[0]`), for the nearest-key hint."""
+    schema = _without_none(schema)
+    if typing.get_origin(schema) is list:
+        return _schema_keys(typing.get_args(schema)[0], f"{prefix.rstrip('.')}[0].")
+    if not is_dataclass(schema):
+        return []
+    keys = []
+    for name, hint in typing.get_type_hints(schema).items():
+        keys += [f"{prefix}{name}", *_schema_keys(hint, f"{prefix}{name}.")]
+    return keys
+
+
+def _without_none(hint: Any) -> Any:
+    """`X | None` as X."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        kept = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return kept[0] if len(kept) == 1 else hint
+    return hint
+
+
+def _display(key: str) -> str:
+    """`block_schedule.blocks.0.lrr` as the config shows it: `block_schedule.blocks[0].lrr`."""
+    return re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key)
 
 
 def _leaf(key: str) -> str:

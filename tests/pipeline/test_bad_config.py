@@ -1,8 +1,16 @@
 """Bad config values: one clear line on stderr, a non-zero exit, and no run directory left behind."""
 
-import pytest
+from pathlib import Path
 
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from lego.pipeline.config import exit_on_unknown_override_keys, register_configs
 from tests.launch import run_train
+
+CONF = Path(__file__).parents[2] / "conf"
+register_configs()
 
 BAD = [
     ("hard_ratio.value=1.5", "hard_ratio.value=1.5"),
@@ -40,6 +48,10 @@ UNKNOWN = {
     [
         (list(UNKNOWN), list(UNKNOWN.values())),
         (["+universal.preset=lpt"], ["universal.preset is read only by method=universal"]),
+        # without `+`, Hydra itself would refuse them, in several lines suggesting `+model.dimm=3`
+        (["model.dimm=3", "block_schedule.blocks.1.lrr=0.1"],
+         ["unknown config key model.dimm (did you mean model.dim?)",
+          "block_schedule.blocks[1].lrr (did you mean block_schedule.blocks[1].lr?)"]),
     ],
 )
 def test_unknown_keys_fail_before_any_work(tmp_path, cache_dir, overrides, messages):
@@ -51,6 +63,24 @@ def test_unknown_keys_fail_before_any_work(tmp_path, cache_dir, overrides, messa
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert all(message in lines[0] for message in messages), lines[0]
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_every_key_of_every_preset_passes_the_override_check(preset):
+    """The command-line check knows every key a composed config has: none of them is refused as a typo."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"+experiment={preset}"])
+    overrides = [f"{key}=1" for key in _leaf_keys(OmegaConf.to_container(cfg, resolve=False))]
+    assert len(overrides) > 40
+    exit_on_unknown_override_keys(overrides, CONF)  # SystemExit would fail the test
+
+
+def _leaf_keys(node, prefix: str = "") -> list[str]:
+    if isinstance(node, dict) and node:
+        return [key for name, value in node.items() for key in _leaf_keys(value, f"{prefix}{name}.")]
+    if isinstance(node, list) and node and isinstance(node[0], dict):
+        return [key for i, value in enumerate(node) for key in _leaf_keys(value, f"{prefix}{i}.")]
+    return [prefix.rstrip(".")]
 
 
 def test_wrong_type_is_rejected_by_the_schema(tmp_path, cache_dir):
