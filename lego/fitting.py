@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from lego import distributed
 from lego.atomic import atomic_write
+from lego.moe import RoutingTally
 from lego.sharding import ShardedLayers, clip_grad_norm, full_tensors, is_sharded, shard_like, shard_optimizer_state
 from lego.training_data import HiddenStateWriter, TrainingData, load_within_budget
 
@@ -100,6 +101,8 @@ class FitStats:
     threshold: float | None = None
     calibration: dict = field(default_factory=dict)
     seconds: float = 0.0
+    # per MoE layer of the block, its routing over the training steps this process ran (lego.moe.RoutingTally)
+    moe: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -389,6 +392,7 @@ def fit_block(
     clip_sets = [[p for p in params if id(p) not in exit_ids], [p for p in params if id(p) in exit_ids]]
     clip = clip_grad_norm if sharded else torch.nn.utils.clip_grad_norm_
     block.train()
+    tally = RoutingTally(block.named_moe_ffns(), training=True) if block.moe_ffns else None
     stop = state["step"] >= total_steps
     while not stop and state["epoch"] < config.epochs:
         epoch = state["epoch"]
@@ -425,7 +429,7 @@ def fit_block(
                 callback({
                     "kind": "step", "step": state["step"], "epoch": epoch, "loss": shown_loss,
                     "lm_loss": float(lm_loss), "exit_loss": float(exit_loss), "tokens": n_tokens,
-                    "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0], **_moe_step_metrics(block),
                 })  # fmt: skip
             last_of_epoch = i == steps_per_epoch - 1
             if state["step"] % eval_every == 0 or last_of_epoch or state["step"] >= total_steps:
@@ -438,6 +442,9 @@ def fit_block(
                 if stop:
                     break
         state["epoch"] = epoch + 1
+    if tally is not None:
+        stats.moe = tally.summary(reduce=True)
+        tally.close()
     stats.stopped_early = state["bad_evals"] >= config.patience
     if state["best"] is not None:
         _load_trained(trained, state["best"])
@@ -475,6 +482,18 @@ def fit_block(
         stats.collect_flops = distributed.global_sum(_collect_flops(block, train))
     stats.seconds = time.perf_counter() - started
     return hard_data, stats
+
+
+def _moe_step_metrics(block: LEGOBlock) -> dict[str, float]:
+    """The step's routing, averaged over the block's MoE layers (this rank's tokens): load imbalance (max / mean
+    slots per expert, 1 = balanced) and the share of routed slots dropped over capacity; {} for a dense block."""
+    stats = [ffn.stats for ffn in block.moe_ffns if ffn.stats is not None]
+    if not stats:
+        return {}
+    return {
+        "moe_imbalance": sum(float(s.imbalance) for s in stats) / len(stats),
+        "moe_dropped": sum(float(s.dropped) for s in stats) / len(stats),
+    }
 
 
 def _collect_flops(block: LEGOBlock, data: TrainingData) -> float:

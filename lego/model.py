@@ -229,6 +229,10 @@ class LEGOBlock(nn.Module):
         """The MoE feed-forwards of this block's layers (empty for a dense block)."""
         return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoEFeedForward)]
 
+    def named_moe_ffns(self, prefix: str = "") -> dict[str, MoEFeedForward]:
+        """`{"<prefix>layer<i>": ffn}` for the MoE layers (i counted within the block), for a `RoutingTally`."""
+        return {f"{prefix}layer{i}": layer.ffn for i, layer in enumerate(self.layers) if isinstance(layer.ffn, MoEFeedForward)}
+
     def moe_aux_loss(self) -> Tensor | None:
         """The weighted balancing and z-losses of the last forward's MoE layers, to add to the training loss
         (None when there are none: a dense block, or MoE layers whose weights make them zero)."""
@@ -364,6 +368,12 @@ class LEGOTransformer(nn.Module):
     @property
     def total_layers(self) -> int:
         return sum(block.num_layers for block in self.blocks)
+
+    def named_moe_ffns(self) -> dict[str, MoEFeedForward]:
+        """Every MoE layer, named `block<k>.layer<i>` (i within block k), for a `RoutingTally`."""
+        return {
+            name: ffn for k, block in enumerate(self.blocks) for name, ffn in block.named_moe_ffns(f"block{k}.").items()
+        }
 
     def forward(self, x: Tensor, return_stats: bool = False) -> Tensor | tuple[Tensor, ExitStats]:
         """x: (batch, seq) token ids -> logits (batch, seq, vocab), each token's from the block it exited at.

@@ -110,6 +110,7 @@ class MoEConfig:
 class MoEStats:
     """One forward's routing, over the tokens it routed (detached; `as_dict` for plain numbers)."""
 
+    counts: Tensor  # (experts,) routed slots each expert computed (after the capacity cut)
     load: Tensor  # (experts,) share of the kept routed slots each expert computed
     imbalance: Tensor  # max / mean of the per-expert slot counts (1 = perfectly balanced)
     entropy: Tensor  # mean entropy (nats) of the tokens' normalized router scores, at most log(experts)
@@ -247,6 +248,7 @@ class MoEFeedForward(nn.Module):
         with torch.no_grad():
             load = counts.float()
             self.stats = MoEStats(
+                counts=load,
                 load=load / load.sum().clamp_min(1.0),
                 imbalance=load.max() / load.mean().clamp_min(1e-20),
                 entropy=-(probs * probs.clamp_min(1e-20).log()).sum(dim=-1).mean(),
@@ -277,3 +279,62 @@ class MoEFeedForward(nn.Module):
             return
         delta = self.config.bias_update_rate * torch.sign(counts.mean() - counts)
         self.expert_bias += delta - delta.mean()
+
+
+class RoutingTally:
+    """Routing statistics of named MoE feed-forwards summed over many forwards (forward hooks), e.g. a stage's
+    training steps or a whole test pass: what one batch's `stats` cannot show.
+
+    `training`: count only forwards in that mode (True: training steps, not the validations between them), or
+    every forward (None). Use as a context manager; `summary()` gives one row per layer."""
+
+    def __init__(self, ffns: dict[str, MoEFeedForward], training: bool | None = None) -> None:
+        self.ffns, self.training = ffns, training
+        self.counts = {name: torch.zeros(ffn.config.num_experts, dtype=torch.float64) for name, ffn in ffns.items()}
+        self.sums = {name: torch.zeros(3, dtype=torch.float64) for name in ffns}  # tokens, entropy * tokens, slots
+        self._hooks = [ffn.register_forward_hook(self._hook(name)) for name, ffn in ffns.items()]
+
+    def _hook(self, name: str):
+        def record(module: MoEFeedForward, _inputs, _output) -> None:
+            if module.stats is None or (self.training is not None and module.training != self.training):
+                return
+            stats = module.stats
+            self.counts[name] += stats.counts.detach().double().cpu()
+            slots = stats.tokens * module.config.top_k
+            self.sums[name] += torch.tensor([stats.tokens, float(stats.entropy) * stats.tokens, slots], dtype=torch.float64)
+
+        return record
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def __enter__(self) -> RoutingTally:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def summary(self, reduce: bool = False) -> list[dict]:
+        """Per layer: `load` (share of the computed slots per expert), `imbalance` (max / mean slot count, 1 is
+        balanced), `entropy` (mean router entropy in nats; `max_entropy` = log experts), `dropped` (share of
+        routed slots over capacity) and `tokens` routed. `reduce`: sum over torch.distributed ranks first (every
+        rank must call it)."""
+        rows = []
+        for name in self.ffns:
+            counts, sums = self.counts[name], self.sums[name]
+            if reduce:
+                counts, sums = distributed.all_reduce_sum(counts.clone()), distributed.all_reduce_sum(sums.clone())
+            tokens, entropy_sum, slots = sums.tolist()
+            kept = float(counts.sum())
+            rows.append({
+                "layer": name,
+                "load": (counts / max(kept, 1.0)).tolist(),
+                "imbalance": float(counts.max() / counts.mean()) if kept else float("nan"),
+                "entropy": entropy_sum / tokens if tokens else float("nan"),
+                "max_entropy": math.log(len(counts)),
+                "dropped": 1.0 - kept / slots if slots else 0.0,
+                "tokens": int(tokens),
+            })  # fmt: skip
+        return rows

@@ -129,6 +129,8 @@ class UniversalTrainer:
                 exit_logit = out.exit_logit.reshape(-1).index_select(0, out.logits_index)
                 exit_loss = exit_loss + F.binary_cross_entropy_with_logits(exit_logit.float(), right.float())
         task = sum((w * layer_losses[i] for i, w in weights.items() if w > 0), zero)
+        # MoE layers' load-balancing and router z-losses (lego.moe), whatever the preset weights
+        moe = sum((loss for block in model.blocks if (loss := block.moe_aux_loss()) is not None), zero)
         total = task + self.config.exit_loss_weight * exit_loss
 
         distill = self_distill = zero
@@ -152,6 +154,7 @@ class UniversalTrainer:
                 (distillation_loss(outs[i - 1].logits, final, temperature) for i in self.config.exit_layers), zero
             )
             total = total + self.config.self_distillation * self_distill
+        total = total + moe
         detached = {i: loss.detach() for i, loss in layer_losses.items()}
         return LossParts(
             total, task.detach(), detached, exit_loss.detach(), distill.detach(), self_distill.detach(), y.numel()
@@ -190,6 +193,8 @@ class UniversalTrainer:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
             optimizer.step()
+            for block in model.blocks:
+                block.update_moe_bias()  # MoE layers' aux-loss-free balancing, as in lego.fitting
             if scheduler is not None:
                 scheduler.step()
             steps += 1

@@ -25,11 +25,33 @@ from lego.data import DataConfig, TokenizerConfig
 from lego.errors import ConfigError, check_one_of
 from lego.fitting import DUMP_DTYPES, FitConfig
 from lego.model import LEGOConfig
+from lego.moe import MoEConfig
 from lego.pipeline.config_help import format_config_groups
 
 METHODS = ("lego", "universal")
 WANDB_MODES = ("offline", "online", "disabled")
 OBJECTIVES = ("val_ppl", "val_ppl_at_cost")
+
+
+@dataclass
+class MoEConf:
+    """`model.moe` (the `moe` config group): Mixture-of-Experts feed-forwards, `lego.moe.MoEConfig`'s fields
+    (its docstring says what each does; strings here, checked by `validate`). `num_experts: 0` (the default)
+    keeps the dense SwiGLUs; `moe=e8_top2_aux` or `model.moe.num_experts=8` turns the experts on."""
+
+    num_experts: int = 0  # 0: dense
+    top_k: int = 2
+    shared_experts: int = 0
+    expert_hidden_dim: int | None = None  # None: the dense SwiGLU width over top_k + shared_experts (same FLOPs)
+    score_func: str = "softmax"  # softmax | sigmoid
+    route_norm: bool = False
+    balance: str = "aux_loss"  # aux_loss (Switch/OLMoE) | bias (DeepSeek-V3, aux-loss-free) | none
+    aux_loss_weight: float = 0.01
+    z_loss_weight: float = 0.001
+    bias_update_rate: float = 0.001
+    capacity_factor: float | None = None  # None: no token is dropped
+    layers: str = "all"  # all | later_blocks | every_other
+    grouped_mm: bool = True
 
 
 @dataclass
@@ -39,6 +61,7 @@ class ModelConf:
     hidden_dim: int | None = None  # SwiGLU width; None = 2/3 * 4 * dim rounded up to 64
     tie_embeddings: bool = True
     rope_base: float = 10000.0
+    moe: MoEConf = field(default_factory=MoEConf)  # num_experts 0: dense SwiGLUs; `moe=<option>` (conf/moe/)
 
 
 @dataclass
@@ -318,6 +341,7 @@ def validate(run: RunConfig) -> None:
         )
     if m.hidden_dim is not None and m.hidden_dim < 1:
         raise ConfigError(f"model.hidden_dim={m.hidden_dim} must be positive or null")
+    moe_config(m.moe)
     blocks = run.block_schedule.blocks
     if not blocks:
         raise ConfigError("block_schedule.blocks is empty: give at least one block")
@@ -378,7 +402,19 @@ def model_config(run: RunConfig, vocab_size: int) -> LEGOConfig:
         hidden_dim=run.model.hidden_dim,
         rope_base=run.model.rope_base,
         tie_embeddings=run.model.tie_embeddings,
+        moe=moe_config(run.model.moe),
     )
+
+
+def moe_config(conf: MoEConf) -> MoEConfig | None:
+    """`model.moe` as the model's `MoEConfig` (None for dense, `num_experts: 0`); its range checks become one-line
+    ConfigErrors naming the key."""
+    if conf.num_experts == 0:
+        return None
+    try:
+        return MoEConfig(**{f.name: getattr(conf, f.name) for f in fields(MoEConf)})
+    except ValueError as err:
+        raise ConfigError(f"model.moe: {err}") from None
 
 
 def fit_config(

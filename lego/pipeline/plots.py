@@ -197,7 +197,34 @@ def make_run_plots(results: dict, out_dir: Path) -> dict[str, Path]:
     stage_evals = [block.get("evals") or [] for block in blocks]
     if any(stage_evals):
         written["training_curves"] = plot_training_curves(stage_evals, out_dir / "training_curves.png")
+    if results.get("moe"):
+        written["expert_load"] = plot_expert_load(results["moe"], out_dir / "expert_load.png")
     return written
+
+
+def plot_expert_load(layers: list[dict], path: Path, title: str = "MoE expert load on the test set") -> Path:
+    """A heatmap of the share of each MoE layer's routed slots each expert computed (rows: layers, as
+    `lego.moe.RoutingTally` names them; 1/experts everywhere is perfect balance), each row labelled with its
+    imbalance (max/mean), router entropy and the tokens it routed: a later block's layers see only the tokens
+    that reached it."""
+    experts = max(len(row["load"]) for row in layers)
+    grid = np.full((len(layers), experts), np.nan)
+    for i, row in enumerate(layers):
+        grid[i, : len(row["load"])] = row["load"]
+    fig = Figure(figsize=(min(11.0, 5.5 + 0.5 * experts), 1.9 + 0.5 * len(layers)), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(float(np.nanmax(grid)), 1e-9))
+    ax.set_xticks(range(experts), [str(e) for e in range(experts)])
+    labels = [
+        f"{row['layer']}: {row['tokens']:,} tokens\nmax/mean {row['imbalance']:.2f}, entropy {row['entropy']:.2f}"
+        f"/{row['max_entropy']:.2f}" + (f"\n{row['dropped']:.1%} dropped" if row.get("dropped") else "")
+        for row in layers
+    ]
+    ax.set_yticks(range(len(layers)), labels, fontsize=8)
+    ax.set_xlabel("expert")
+    ax.set_title(f"{title}\nshare of each layer's routed slots (balanced: {1 / experts:.3f} each)", fontsize=10)
+    fig.colorbar(image, ax=ax, label="share of slots")
+    return _save(fig, path)
 
 
 def _save(fig: Figure, path: Path) -> Path:

@@ -33,6 +33,7 @@ from lego.data import format_summary, prepare_data
 from lego.errors import ConfigError, LEGOError
 from lego.model import LEGOTransformer
 from lego.pipeline.config import RunConfig, model_config, to_run_config
+from lego.moe import RoutingTally
 from lego.pipeline.evaluation import evaluate_routed, measure_speedup, threshold_scan
 from lego.pipeline.files import read_json, write_json
 from lego.pipeline.methods import get_method
@@ -125,7 +126,8 @@ def final_results(
         "then the speed-up timing"
     )
     with tqdm(total=len(shares) + 3, desc="final evaluation", unit="pass", disable=not run.trainer.progress) as bar:
-        test = evaluate_routed(model, test_windows, batch, device)
+        with RoutingTally(model.named_moe_ffns()) as tally:  # MoE layers' routing of the tokens reaching them
+            test = evaluate_routed(model, test_windows, batch, device)
         bar.update()
         val = evaluate_routed(model, val_windows, batch, device)
         bar.update()
@@ -181,6 +183,7 @@ def final_results(
         "test_tokens": test["tokens"],
         "objective_metric": run.objective.metric,
         "objective": objective(run, val["ppl"], scan),
+        "moe": tally.summary(),  # per MoE layer: expert load, imbalance, entropy, dropped share ([] when dense)
     }
 
 

@@ -48,6 +48,7 @@ _STAGE_STEP = re.compile(r"stage_\d+/step")  # a stage's step axis (Tracker.log_
 # Top-level results lists that hold one value per block, and the per-block summary field each becomes.
 PER_BLOCK_LISTS = {"exit_counts": "exit_count", "exit_rates": "exit_rate"}
 
+MOE_FIELDS = ("imbalance", "entropy", "dropped", "tokens")  # per MoE layer, beside its expert load
 
 class Tracker:
     """Logs one run to W&B: per-stage training curves, stage summaries, final exit stats, tables and plots.
@@ -165,6 +166,8 @@ class Tracker:
     def log_final(self, results: dict, images: dict[str, str | Path]) -> None:
         """Log the run's results: scalars and per-block exit stats as summary, the `exit_stats` table, the plots.
 
+        MoE runs add the `moe_expert_load` table (layer, expert, share of the routed test slots) and per-layer
+        summary values `moe/<layer>/<imbalance|entropy|dropped|tokens>`; the heatmap is the expert_load plot.
         Summary values make runs comparable in the W&B runs table (one column per `block_<k>/<field>`); the table
         keeps the per-block rows together for one run. NaN (e.g. the PPL of a block no token exited at) is logged
         as-is and shows as empty. Plots are logged as `plots/<name>`; missing image files are skipped.
@@ -183,9 +186,15 @@ class Tracker:
             k = block.get("block", index)
             numbers = {field: value for field, value in block.items() if field != "block" and _is_number(value)}
             summary.update({f"block_{k}/{field}": value for field, value in numbers.items()})
+        moe = results.get("moe") or []
+        for row in moe:  # `moe/block1.layer0/imbalance`: comparable across runs in the runs table
+            summary.update({f"moe/{row['layer']}/{field}": row[field] for field in MOE_FIELDS})
         self._run.summary.update(summary)
 
         media: dict[str, Any] = {}
+        if moe:  # one row per (layer, expert): W&B's own bar charts and heatmaps group by layer
+            rows = [[row["layer"], e, share, *(row[f] for f in MOE_FIELDS)] for row in moe for e, share in enumerate(row["load"])]
+            media["moe_expert_load"] = wandb.Table(columns=["layer", "expert", "load", *MOE_FIELDS], data=rows)
         if blocks:
             # Only scalar columns: the nested per-eval curves of a block are in the training_curves plot.
             columns = list(dict.fromkeys(key for block in blocks for key, value in block.items() if _is_scalar(value)))

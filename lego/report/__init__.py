@@ -85,6 +85,9 @@ def _config_table(groups, labels: list[str]) -> str:
     n_blocks = max((len(run.results.get("exit_rates") or []) for g in groups for run in g.finished), default=0)
     columns = ["config", "finished", "test PPL", "full depth PPL", "val PPL", "honest cost", "shallow",
                "train FLOPs vs dense", "speed-up", *(f"exit @{k}" for k in range(n_blocks)), "wall s"]  # fmt: skip
+    moe = any(run.results.get("moe") for group in groups for run in group.finished)
+    if moe:
+        columns.insert(-1, "MoE max/mean load")
     rows, bad = [], set()
     for i, (group, label) in enumerate(zip(groups, labels, strict=True)):
         if len(group.finished) < len(group.runs):
@@ -100,6 +103,7 @@ def _config_table(groups, labels: list[str]) -> str:
             mean_sd(*group.stat("train_flops_vs_dense")[:2]),
             mean_sd(*group.stat("inference_speedup")[:2]),
             *(mean_sd(*group.stat(f"exit_rate_block_{k}")[:2], ".1%") for k in range(n_blocks)),
+            *([mean_sd(*group.stat("moe_imbalance_max")[:2])] if moe else []),
             mean_sd(*group.stat("wall_seconds")[:2], ".0f"),
         ])  # fmt: skip
     return html.table(columns, rows, bad_rows=bad)
@@ -138,5 +142,10 @@ def _figures(groups, labels: list[str], folder: Path) -> list[tuple[str, str]]:
         ("Training curves", plots.plot_training_curves, "training_curves",
          "Validation PPL of every run per stage; a later stage is scored on its own (hard) tokens only."),
     ]  # fmt: skip
+    if any(run.results.get("moe") for group in groups for run in group.finished):
+        made.append(("MoE expert load", plots.plot_expert_load, "expert_load",
+                     "Share of each MoE layer's routed test slots per expert, mean over seeds (label: tokens routed, "
+                     "load imbalance max/mean, router entropy of its maximum); later blocks route only the tokens "
+                     "reaching them."))  # fmt: skip
     return [(head, html.figure(draw(groups, labels, folder / f"{name}.png"), head, caption))
             for head, draw, name, caption in made]  # fmt: skip

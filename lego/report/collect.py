@@ -42,10 +42,17 @@ class Run:
         return self.status == "finished"
 
     def metrics(self) -> dict[str, float | None]:
-        """The headline numbers (None where a run has none), per-block exit rates as exit_rate_block_<k>."""
+        """The headline numbers (None where a run has none), per-block exit rates as exit_rate_block_<k>, and for
+        MoE runs each layer's expert-load imbalance (`moe_imbalance_<layer>`, its max, the max dropped share)."""
         values = {key: _number(self.results.get(key)) for key in METRICS}
         for k, rate in enumerate(self.results.get("exit_rates") or []):
             values[f"exit_rate_block_{k}"] = _number(rate)
+        moe = self.results.get("moe") or []
+        for row in moe:  # MoE runs: each layer's load imbalance (max / mean slots per expert) on the test set
+            values[f"moe_imbalance_{row['layer']}"] = _number(row.get("imbalance"))
+        if moe:
+            values["moe_imbalance_max"] = max(_number(row.get("imbalance")) or 0.0 for row in moe)
+            values["moe_dropped_max"] = max(_number(row.get("dropped")) or 0.0 for row in moe)
         return values
 
     def config_key(self) -> tuple[tuple[str, str], ...]:

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from lego.atomic import atomic_write
 from lego.pipeline.plots import X_LABELS, _moving_average, _step_losses
+from lego.pipeline.plots import plot_expert_load as plot_layer_loads
 from lego.report.tables import ConfigGroup
 
 DPI = 110
@@ -219,3 +220,24 @@ def _nan(value: float | None) -> float:
 
 def _zero(value: float | None) -> float:
     return 0.0 if value is None or not math.isfinite(value) else float(value)
+
+
+def plot_expert_load(groups: list[ConfigGroup], labels: list[str], path: Path) -> bytes:
+    """Each MoE config's expert load on the test set, one heatmap row per (config, layer): the share of the
+    layer's routed slots each expert computed, averaged over the config's seeds."""
+    rows = []
+    for group, label in zip(groups, labels, strict=True):
+        layers: dict[str, list[dict]] = {}
+        for run in group.finished:
+            for row in run.results.get("moe") or []:
+                layers.setdefault(row["layer"], []).append(row)
+        for layer, seen in layers.items():
+            mean = [sum(values) / len(seen) for values in zip(*(row["load"] for row in seen), strict=False)]
+            rows.append({
+                "layer": f"{textwrap.shorten(label, LEGEND_WIDTH, placeholder='...')} {layer}",
+                "load": mean, "max_entropy": seen[0]["max_entropy"],
+                **{key: sum(row[key] for row in seen) / len(seen) for key in ("imbalance", "entropy", "dropped")},
+                "tokens": round(sum(row["tokens"] for row in seen) / len(seen)),
+            })  # fmt: skip
+    plot_layer_loads(rows, path, title="MoE expert load on the test set (mean over seeds)")
+    return Path(path).read_bytes()
