@@ -231,7 +231,8 @@ class LEGOBlock(nn.Module):
 
     def named_moe_ffns(self, prefix: str = "") -> dict[str, MoEFeedForward]:
         """`{"<prefix>layer<i>": ffn}` for the MoE layers (i counted within the block), for a `RoutingTally`."""
-        return {f"{prefix}layer{i}": layer.ffn for i, layer in enumerate(self.layers) if isinstance(layer.ffn, MoEFeedForward)}
+        layers = enumerate(self.layers)
+        return {f"{prefix}layer{i}": layer.ffn for i, layer in layers if isinstance(layer.ffn, MoEFeedForward)}
 
     def moe_aux_loss(self) -> Tensor | None:
         """The weighted balancing and z-losses of the last forward's MoE layers, to add to the training loss

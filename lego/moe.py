@@ -301,7 +301,8 @@ class RoutingTally:
             stats = module.stats
             self.counts[name] += stats.counts.detach().double().cpu()
             slots = stats.tokens * module.config.top_k
-            self.sums[name] += torch.tensor([stats.tokens, float(stats.entropy) * stats.tokens, slots], dtype=torch.float64)
+            entropy = float(stats.entropy) * stats.tokens
+            self.sums[name] += torch.tensor([stats.tokens, entropy, slots], dtype=torch.float64)
 
         return record
 

@@ -32,8 +32,8 @@ from lego import distributed
 from lego.data import format_summary, prepare_data
 from lego.errors import ConfigError, LEGOError
 from lego.model import LEGOTransformer
-from lego.pipeline.config import RunConfig, model_config, to_run_config
 from lego.moe import RoutingTally
+from lego.pipeline.config import RunConfig, model_config, to_run_config
 from lego.pipeline.evaluation import evaluate_routed, measure_speedup, threshold_scan
 from lego.pipeline.files import read_json, write_json
 from lego.pipeline.methods import get_method

@@ -193,7 +193,11 @@ class Tracker:
 
         media: dict[str, Any] = {}
         if moe:  # one row per (layer, expert): W&B's own bar charts and heatmaps group by layer
-            rows = [[row["layer"], e, share, *(row[f] for f in MOE_FIELDS)] for row in moe for e, share in enumerate(row["load"])]
+            rows = [
+                [row["layer"], e, share, *(row[f] for f in MOE_FIELDS)]
+                for row in moe
+                for e, share in enumerate(row["load"])
+            ]
             media["moe_expert_load"] = wandb.Table(columns=["layer", "expert", "load", *MOE_FIELDS], data=rows)
         if blocks:
             # Only scalar columns: the nested per-eval curves of a block are in the training_curves plot.

@@ -121,3 +121,18 @@ def test_slurm_launcher_config_composes(cache_dir):
     proc = run_train("--cfg=hydra", "--package=hydra.launcher", "hydra/launcher=slurm", cache_dir=cache_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SlurmLauncher" in proc.stdout and "gpus_per_node: 1" in proc.stdout
+
+
+def test_two_rank_moe_run_routes_every_ranks_tokens(tmp_path, cache_dir):
+    """`+experiment=tiny_moe` on 2 ranks: it trains (experts a rank did not route to still join the gradient
+    sum, tests/distributed/test_moe_ranks.py), and the stage's routing tally counts both ranks' tokens."""
+    run_dir = tmp_path / "run"
+    proc = run_torchrun("+experiment=tiny_moe", f"hydra.run.dir={run_dir}", "wandb=disabled", nproc=2,
+                        cache_dir=cache_dir)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads((run_dir / "stage_1" / "stats.json").read_text())
+    assert stats["ranks"] == 2
+    assert stats["moe"][0]["tokens"] == stats["train_tokens"]  # summed over the ranks
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["moe"][0]["tokens"] == results["blocks"][1]["reached"]
+    assert results["test_ppl"] < results["unigram_ppl"]

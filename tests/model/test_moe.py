@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from torch.utils.flop_counter import FlopCounterMode
 
 from lego import FitConfig, LEGOConfig, LEGOTransformer, TrainingData
@@ -69,12 +68,14 @@ VOCAB, SEQ = 40, 16
 
 def moe_model(moe: MoEConfig, layers=(1, 1), seed: int = 0) -> LEGOTransformer:
     torch.manual_seed(seed)
-    config = LEGOConfig(vocab_size=VOCAB, dim=DIM, num_heads=2, layers_per_block=list(layers), max_seq_len=SEQ, moe=moe)
+    config = LEGOConfig(vocab_size=VOCAB, dim=DIM, num_heads=2, layers_per_block=list(layers), max_seq_len=SEQ,
+                        moe=moe)  # fmt: skip
     return LEGOTransformer.from_config(config)
 
 
 def token_data(n: int, seed: int) -> TrainingData:
-    return TrainingData.from_windows(torch.randint(0, VOCAB, (n, SEQ + 1), generator=torch.Generator().manual_seed(seed)))
+    generator = torch.Generator().manual_seed(seed)
+    return TrainingData.from_windows(torch.randint(0, VOCAB, (n, SEQ + 1), generator=generator))
 
 
 def collapse(model: LEGOTransformer) -> None:
@@ -98,8 +99,11 @@ def train_imbalance(balance: str, steps: int = 120) -> tuple[float, float]:
     seen = []
     config = FitConfig(epochs=100, max_steps=steps, batch_size=8, lr=3e-3, warmup_steps=1, evals_per_epoch=1,
                        patience=1000)  # fmt: skip
-    model.blocks[0].fit(token_data(64, 0), token_data(8, 1), config, embedding=model.embedding,
-                        callback=lambda e: seen.append(e["moe_imbalance"]) if e["kind"] == "step" else None)  # fmt: skip
+    def record(event: dict) -> None:
+        if event["kind"] == "step":
+            seen.append(event["moe_imbalance"])
+
+    model.blocks[0].fit(token_data(64, 0), token_data(8, 1), config, embedding=model.embedding, callback=record)
     return seen[0], sum(seen[-10:]) / 10
 
 
@@ -123,7 +127,8 @@ def test_stage_isolation_with_moe_in_both_blocks(balance):
     before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("blocks.1.")}
     assert balance != "bias" or before["blocks.0.layers.0.ffn.expert_bias"].abs().sum() > 0  # it did balance
     block1_bias = model.blocks[1].layers[0].ffn.expert_bias.clone()
-    model.blocks[1].fit(hard, route(model.blocks[0], token_data(8, 1), model.embedding, 8), FitConfig(epochs=1, batch_size=8, lr=1e-2, warmup_steps=1))
+    routed_val = route(model.blocks[0], token_data(8, 1), model.embedding, 8)
+    model.blocks[1].fit(hard, routed_val, FitConfig(epochs=1, batch_size=8, lr=1e-2, warmup_steps=1))
     after = model.state_dict()
     for key, value in before.items():
         assert torch.equal(value, after[key]), key

@@ -15,6 +15,7 @@ from lego.pipeline.plots import (
     make_run_plots,
     plot_confidence_histograms,
     plot_exit_rates,
+    plot_expert_load,
     plot_ppl_vs_compute,
     plot_training_curves,
 )
@@ -88,6 +89,22 @@ def test_training_curves(tmp_path):
     assert_real_png(plot_training_curves(stage_evals, tmp_path / "curves.png"))
 
 
+def fake_moe(layers: int, experts: int) -> list[dict]:
+    """results.json's `moe`: one row per MoE layer (lego.moe.RoutingTally.summary)."""
+    rows = []
+    for i in range(layers):
+        load = [(e + 1.0) ** (i % 2) for e in range(experts)]
+        rows.append({
+            "layer": f"block{i}.layer1", "load": [x / sum(load) for x in load], "imbalance": 1.0 + i,
+            "entropy": 1.5, "max_entropy": math.log(experts), "dropped": 0.02 * i, "tokens": 12_345,
+        })  # fmt: skip
+    return rows
+
+
+def test_expert_load(tmp_path):
+    assert_real_png(plot_expert_load(fake_moe(layers=3, experts=8), tmp_path / "expert_load.png"))
+
+
 def test_make_run_plots_writes_all_four(tmp_path):
     written = make_run_plots(fake_results(), tmp_path / "plots")
     assert set(written) == {"exit_rates", "confidence_histograms", "ppl_vs_compute", "training_curves"}
@@ -127,8 +144,9 @@ def test_no_text_is_cut_off_at_the_figure_edges(tmp_path, figures, blocks):
     results.update(test_ppl=93.77, honest_cost=0.840)
     for key in ("blocks", "confidence_histograms"):
         results[key] = results[key][:blocks]
+    results["moe"] = fake_moe(layers=blocks, experts=4 * blocks)  # up to 12 experts, the widest heatmap here
     make_run_plots(results, tmp_path)
-    assert len(figures) == 4
+    assert len(figures) == 5
     for name, fig in figures.items():
         canvas = FigureCanvasAgg(fig)
         canvas.draw()
