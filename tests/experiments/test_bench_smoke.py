@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from experiments import bench_block, bench_dense_peer, bench_inference, bench_layer_ops, bench_train_hard
+from experiments import bench_block, bench_dense_peer, bench_inference, bench_layer_ops, bench_moe, bench_train_hard
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -47,6 +47,15 @@ def test_bench_layer_ops():
     result = bench_layer_ops.main(["--dim", "32", "--seq", "16", "--batch", "2", "--repeats", "2"])
     assert set(result) == {"rmsnorm_speedup", "rmsnorm_vs_layernorm", "swiglu_speedup"}
     assert all(ratio > 0 for ratio in result.values())
+
+
+def test_bench_moe(capsys):
+    (result,) = bench_moe.main(["--dims", "32", "--seq", "16", "--batch", "2", "--repeats", "2"])
+    assert result["expert_hidden"] * 2 == result["dense_hidden"]  # top-2 of half-width experts
+    assert result["active_flops_ratio"] == pytest.approx(1.0, abs=0.05)  # the router's share only
+    assert result["ffn_params_ratio"] == pytest.approx(4.0, rel=0.02)  # 8 experts of half the width
+    assert all(ratio > 0 for ratio in (result["grouped_vs_dense"], result["loop_vs_dense"], result["loop_vs_grouped"]))
+    assert "MoE grouped_mm / dense" in capsys.readouterr().out
 
 
 def test_bench_data(monkeypatch):
