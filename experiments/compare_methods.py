@@ -55,7 +55,13 @@ METHODS: dict[str, Method] = {
     # the same dense architecture through the Universal framework's joint trainer (Standard preset): only at
     # the compare budget, to measure the gap between the two dense code paths against the seed noise
     "dense (Universal Standard)": Method(("+experiment=compare_dense",), 4, budgets=("400k",)),
+    # Mixture of Experts in every layer (8 experts, top-2, aux loss: the same active FLOPs, 4x the FFN parameters)
+    # against the same model with dense FFNs, at the compare budget
+    "dense MoE": Method(("+experiment=compare_dense_block", "moe=e8_top2_aux"), 1, budgets=("400k",)),
+    "lego r=0.3 MoE": Method(("+experiment=compare_lego", "hard_ratio.value=0.3", "moe=e8_top2_aux"), 2,
+                             budgets=("400k",)),  # fmt: skip
 }
+MOE_PAIRS = {"dense MoE": DENSE, "lego r=0.3 MoE": "lego r=0.3"}  # each MoE method and its dense-FFN twin
 # budget name -> (max_train_tokens, epochs); 400k is the compare presets' own budget (conf/experiment/compare_*)
 BUDGETS: dict[str, tuple[int, int]] = {
     "100k": (100_000, 1),
@@ -352,6 +358,31 @@ def dense_gap_lines(groups: dict[tuple[str, str], list[dict]]) -> list[str]:
     ]
 
 
+def moe_lines(groups: dict[tuple[str, str], list[dict]]) -> list[str]:
+    """Each MoE method against its dense-FFN twin at 400k tokens: PPL verdicts and the experts' load."""
+    pairs = [(moe, dense) for moe, dense in MOE_PAIRS.items() if (moe, "400k") in groups and (dense, "400k") in groups]
+    if not pairs:
+        return []
+    lines = [
+        "## Mixture of Experts",
+        "",
+        "Every layer's SwiGLU replaced by 8 experts of half its width, top-2 routing, auxiliary loss + router "
+        "z-loss (`moe=e8_top2_aux`): the same active FLOPs per token, 4x the FFN parameters, at 400k tokens.",
+        "",
+        "| method | seeds | test PPL | its dense-FFN twin | experts vs dense FFNs | honest cost | max/mean load |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for moe, dense in pairs:
+        runs, twins = groups[(moe, "400k")], groups[(dense, "400k")]
+        ppl, twin = stat(runs, "test_ppl"), stat(twins, "test_ppl")
+        imbalance = Stat.of([max((row["imbalance"] for row in run.get("moe") or []), default=None) for run in runs])
+        lines.append(
+            f"| {moe} | {len(runs)} | {ppl} | {twin} ({dense}) | {verdict(ppl, twin)} | "
+            f"{stat(runs, 'honest_cost')} | {imbalance} |"
+        )
+    return [*lines, "", "*ahead* means the experts give the lower test PPL (same rule as above).", ""]
+
+
 def plot_isoflop(groups: dict[tuple[str, str], list[dict]], budgets: list[str], path: Path) -> Path:
     """Test PPL against training FLOPs, one line per method over the budgets, error bars = seed sd."""
     from lego.report.plots import plot_series
@@ -401,6 +432,7 @@ def report(out: Path, jobs: list[Job], budgets: list[str], report_path: Path, co
         "",
         *budget_lines(groups, budgets),
         *dense_gap_lines(groups),
+        *moe_lines(groups),
     ]
     missing = [job.name for job in jobs if not (out / job.name / "results.json").is_file()]
     if missing:

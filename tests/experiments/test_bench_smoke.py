@@ -1,5 +1,6 @@
 """Every benchmark script runs at a tiny size, so none of them rots. Not timed: the numbers are not checked."""
 
+import json
 import shutil
 
 import pytest
@@ -108,3 +109,19 @@ def test_compare_methods_study_quick(tmp_path, monkeypatch, capsys):
     assert compare_methods.main([*args, "--report-only"]) == text
     compare_methods.main(args)
     assert "8 already finished, 0 to run" in capsys.readouterr().out
+
+
+def test_compare_methods_moe_against_its_dense_twin_quick(tmp_path, monkeypatch):
+    """The study's MoE methods at smoke size: the report's MoE section compares each with its dense-FFN twin."""
+    from experiments import compare_methods
+
+    monkeypatch.setenv("LEGO_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    args = ["--quick", "--out", str(tmp_path / "runs"), "--report", str(tmp_path / "results.md"),
+            "--archive", str(tmp_path / "archive"), "--methods", "dense", "dense MoE", "--budgets", "400k", "--seeds", "0", "1", "--jobs", "2"]  # fmt: skip
+    text = compare_methods.main(args)
+    section = text.split("## Mixture of Experts")[1]
+    row = next(line for line in section.splitlines() if line.startswith("| dense MoE | 2 |"))
+    assert "(dense)" in row and any(word in row for word in ("ahead", "behind", "within noise")), row
+    results = json.loads(next((tmp_path / "runs" / "dense_MoE").glob("400k/seed0/results.json")).read_text())
+    assert len(results["moe"]) == 4  # every layer of the 4-layer block
