@@ -118,7 +118,8 @@ def test_compare_methods_moe_against_its_dense_twin_quick(tmp_path, monkeypatch)
     monkeypatch.setenv("LEGO_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     args = ["--quick", "--out", str(tmp_path / "runs"), "--report", str(tmp_path / "results.md"),
-            "--archive", str(tmp_path / "archive"), "--methods", "dense", "dense MoE", "--budgets", "400k", "--seeds", "0", "1", "--jobs", "2"]  # fmt: skip
+            "--archive", str(tmp_path / "archive"), "--methods", "dense", "dense MoE", "--budgets", "400k",
+            "--seeds", "0", "1", "--jobs", "2"]  # fmt: skip
     text = compare_methods.main(args)
     section = text.split("## Mixture of Experts")[1]
     row = next(line for line in section.splitlines() if line.startswith("| dense MoE | 2 |"))
