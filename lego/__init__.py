@@ -5,6 +5,10 @@ Model code (this package's top level) depends on torch and safetensors only.
 
 from lego.fitting import FitConfig, FitStats
 from lego.model import ExitStats, LEGOBlock, LEGOConfig, LEGOTransformer
+from lego.moe import MoEConfig, RoutingTally
 from lego.training_data import TrainingData
 
-__all__ = ["ExitStats", "FitConfig", "FitStats", "LEGOBlock", "LEGOConfig", "LEGOTransformer", "TrainingData"]
+__all__ = [
+    "ExitStats", "FitConfig", "FitStats", "LEGOBlock", "LEGOConfig", "LEGOTransformer", "MoEConfig", "RoutingTally",
+    "TrainingData",
+]  # fmt: skip
