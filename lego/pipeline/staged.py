@@ -88,7 +88,7 @@ def train_staged(
             elif needed[k]:
                 raise ConfigError(
                     f"{stage_dir} holds neither hard_tokens nor hard_mask, which Block {k + 1}'s inputs are made "
-                    f"from; delete {stage_dirs[k + 1].name} and the later stage folders to retrain from there"
+                    f"from; delete {stage_dir.name} and the later stage folders to retrain from there"
                 )
             results.append(StageResult(stats, resumed=True))
         else:
@@ -130,8 +130,9 @@ def train_staged(
             tracker.log_stage_end(k, stage_metrics(k, stats))
             results.append(StageResult(stats, resumed=False))
             print(_stage_line(k, stats))
-        if k > 0 and dump == "delete" and distributed.is_main():
-            # stage k is complete, so no resume needs the previous stage's dump again
+        if k > 0 and dump == "delete" and distributed.is_main() and _saved_inputs(stage_dir) != "mask":
+            # stage k is complete, so no resume needs the previous stage's dump again, unless stage k left
+            # only a mask (an earlier `trainer.dump=none`): its inputs are rebuilt from that dump
             for path in stage_dirs[k - 1].glob("hard_tokens*.safetensors"):
                 path.unlink()
         if not last:

@@ -131,11 +131,25 @@ def test_a_resume_may_switch_the_dump_mode(tmp_path, capsys, before, after):
         assert not list(run_dir.glob("stage_*/hard_tokens*"))
 
 
+def test_delete_keeps_the_dump_a_later_mask_is_recomputed_from(tmp_path):
+    """keep -> none -> delete, each interrupted: stage 1 left only a mask, made from stage 0's dump, so
+    `delete` must not remove that dump while a later resume may still need it."""
+    reference = stage_run(tmp_path / "reference", blocks=3, dump_dtype="float32")
+    run_dir = tmp_path / "switched"
+    interrupted(run_dir, stage=1, blocks=3, dump="keep", dump_dtype="float32")
+    interrupted(run_dir, stage=2, blocks=3, dump="none", dump_dtype="float32")
+    assert (run_dir / "stage_1" / "hard_mask.safetensors").is_file()
+    interrupted(run_dir, stage=2, blocks=3, dump="delete", dump_dtype="float32")
+    assert (run_dir / "stage_0" / "hard_tokens.safetensors").is_file()
+    resumed = stage_run(run_dir, blocks=3, dump="delete", dump_dtype="float32")
+    assert_same_weights(resumed, reference, exact=False)
+
+
 def test_a_resume_missing_the_inputs_it_needs_says_which_folders_to_delete(tmp_path):
     run_dir = tmp_path / "run"
     interrupted(run_dir, stage=2, blocks=3)
     (run_dir / "stage_1" / "hard_tokens.safetensors").unlink()
-    with pytest.raises(ValueError, match="stage_1 holds neither hard_tokens nor hard_mask.*delete stage_2"):
+    with pytest.raises(ValueError, match="stage_1 holds neither hard_tokens nor hard_mask.*delete stage_1 and the later"):
         stage_run(run_dir, blocks=3)
 
 
