@@ -240,6 +240,12 @@ def _unknown_key_message(key: str, siblings: list[str], known: list[str]) -> str
     return f"unknown config key {key} ({hint})"
 
 
+_HYDRA_FLAGS_WITH_VALUE = {
+    "-sc", "--shell-completion", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
+    "--experimental-rerun",
+}  # fmt: skip
+
+
 def exit_on_unknown_override_keys(args: list[str], conf_dir: Path) -> None:
     """Exit 2 with one line when a plain command-line override (`model.dimm=3`) names a key no schema knows.
 
@@ -250,7 +256,11 @@ def exit_on_unknown_override_keys(args: list[str], conf_dir: Path) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    plain = [arg for arg in args if "=" in arg and not arg.startswith(("-", "+", "~"))]
+    values_of_flags = {i + 1 for i, arg in enumerate(args) if arg in _HYDRA_FLAGS_WITH_VALUE}  # -sc install=bash
+    plain = [
+        arg for i, arg in enumerate(args)
+        if "=" in arg and not arg.startswith(("-", "+", "~")) and i not in values_of_flags
+    ]  # fmt: skip
     try:
         overrides = OverridesParser.create().parse_overrides(plain)
     except HydraException:
@@ -259,7 +269,7 @@ def exit_on_unknown_override_keys(args: list[str], conf_dir: Path) -> None:
     errors = []
     for override in overrides:
         key = override.key_or_group
-        if override.package is not None or key.split(".")[0] == "hydra" or (conf_dir / key).is_dir():
+        if override.package is not None or key.split(".")[0].split("/")[0] == "hydra" or (conf_dir / key).is_dir():
             continue
         path, siblings = _schema_path(RunConfig, key.split("."))
         if path is None:

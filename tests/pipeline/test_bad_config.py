@@ -75,6 +75,18 @@ def test_every_key_of_every_preset_passes_the_override_check(preset):
     exit_on_unknown_override_keys(overrides, CONF)  # SystemExit would fail the test
 
 
+def test_hydra_groups_and_flag_values_pass_the_override_check():
+    """Hydra's own config groups (`hydra/sweeper=optuna`) and the values of its flags are not our keys."""
+    exit_on_unknown_override_keys(
+        ["hydra/sweeper=optuna", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled", "hydra/launcher=basic",
+         "hydra.job.chdir=false", "-sc", "install=bash", "--config-name", "a=b", "seed=1"],
+        CONF,
+    )  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_unknown_override_keys(["-m", "hydra/sweeper=basic", "seeed=1"], CONF)
+    assert exit_info.value.code == 2
+
+
 def _leaf_keys(node, prefix: str = "") -> list[str]:
     if isinstance(node, dict) and node:
         return [key for name, value in node.items() for key in _leaf_keys(value, f"{prefix}{name}.")]

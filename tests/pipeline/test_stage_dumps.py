@@ -149,7 +149,7 @@ def test_a_resume_missing_the_inputs_it_needs_says_which_folders_to_delete(tmp_p
     run_dir = tmp_path / "run"
     interrupted(run_dir, stage=2, blocks=3)
     (run_dir / "stage_1" / "hard_tokens.safetensors").unlink()
-    with pytest.raises(ValueError, match="stage_1 holds neither hard_tokens nor hard_mask.*delete stage_1 and the later"):
+    with pytest.raises(ValueError, match="stage_1 holds neither hard_tokens nor hard_mask.*delete stage_1 and"):
         stage_run(run_dir, blocks=3)
 
 
