@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from lego import distributed
 from lego.atomic import atomic_write
-from lego.moe import RoutingTally
+from lego.moe import RoutingTally, step_routing_metrics
 from lego.sharding import ShardedLayers, clip_grad_norm, full_tensors, is_sharded, shard_like, shard_optimizer_state
 from lego.training_data import HiddenStateWriter, TrainingData, load_within_budget
 
@@ -392,59 +392,59 @@ def fit_block(
     clip_sets = [[p for p in params if id(p) not in exit_ids], [p for p in params if id(p) in exit_ids]]
     clip = clip_grad_norm if sharded else torch.nn.utils.clip_grad_norm_
     block.train()
-    tally = RoutingTally(block.named_moe_ffns(), training=True) if block.moe_ffns else None
-    stop = state["step"] >= total_steps
-    while not stop and state["epoch"] < config.epochs:
-        epoch = state["epoch"]
-        # each rank its own shuffle: the same one would pair neighbouring windows in every global batch
-        generator = torch.Generator().manual_seed((config.seed * 1000 + epoch) * world + rank)
-        running, running_n, step_losses = 0.0, 0, []
-        for i, batch in enumerate(train.batches(batch_size, shuffle=True, generator=generator)):
-            if i >= steps_per_epoch:
-                break  # another rank ran out of batches: its remainder is dropped too
-            if i < state["step"] - epoch * steps_per_epoch:
-                continue  # resumed mid-epoch: skip what was done (same shuffle, same order)
-            loss, lm_loss, exit_loss, n_tokens = train_step(block, batch, embedding, config, device)
-            shown_loss = loss.item()
-            flops = 3 * block.forward_flops(n_tokens, batch.targets.numel(), train.seq_len, n_tokens)
-            if world > 1:
-                loss, shown_loss, lm_loss, exit_loss, n_tokens, flops = _global_step(
-                    loss, shown_loss, lm_loss, exit_loss, n_tokens, flops
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:
-                _sum_gradients(replicated)
-            grad_norm, _ = (clip(subset, config.grad_clip) for subset in clip_sets)  # the LM's norm is reported
-            optimizer.step()
-            block.update_moe_bias()  # MoE layers' aux-loss-free balancing: outside autograd, once per step
-            scheduler.step()
-            state["step"] += 1
-            stats.train_tokens += n_tokens
-            stats.train_flops += flops
-            running += float(lm_loss) * n_tokens
-            running_n += n_tokens
-            step_losses.append(float(lm_loss))
-            if callback:
-                callback({
-                    "kind": "step", "step": state["step"], "epoch": epoch, "loss": shown_loss,
-                    "lm_loss": float(lm_loss), "exit_loss": float(exit_loss), "tokens": n_tokens,
-                    "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0], **_moe_step_metrics(block),
-                })  # fmt: skip
-            last_of_epoch = i == steps_per_epoch - 1
-            if state["step"] % eval_every == 0 or last_of_epoch or state["step"] >= total_steps:
-                stop = validate(epoch, running / max(running_n, 1), step_losses) or state["step"] >= total_steps
-                running, running_n, step_losses = 0.0, 0, []
-                if checkpoint is not None:
-                    if last_of_epoch:
-                        state["epoch"] = epoch + 1
-                    _save_checkpoint(checkpoint, trained, optimizer, scheduler, state, stats, sharded is not None)
-                if stop:
-                    break
-        state["epoch"] = epoch + 1
-    if tally is not None:
-        stats.moe = tally.summary(reduce=True)
-        tally.close()
+    # per MoE layer, its routing over the training steps (hooks removed however the loop ends)
+    with RoutingTally(block.named_moe_ffns(), training=True) as tally:
+        stop = state["step"] >= total_steps
+        while not stop and state["epoch"] < config.epochs:
+            epoch = state["epoch"]
+            # each rank its own shuffle: the same one would pair neighbouring windows in every global batch
+            generator = torch.Generator().manual_seed((config.seed * 1000 + epoch) * world + rank)
+            running, running_n, step_losses = 0.0, 0, []
+            for i, batch in enumerate(train.batches(batch_size, shuffle=True, generator=generator)):
+                if i >= steps_per_epoch:
+                    break  # another rank ran out of batches: its remainder is dropped too
+                if i < state["step"] - epoch * steps_per_epoch:
+                    continue  # resumed mid-epoch: skip what was done (same shuffle, same order)
+                loss, lm_loss, exit_loss, n_tokens = train_step(block, batch, embedding, config, device)
+                shown_loss = loss.item()
+                flops = 3 * block.forward_flops(n_tokens, batch.targets.numel(), train.seq_len, n_tokens)
+                if world > 1:
+                    loss, shown_loss, lm_loss, exit_loss, n_tokens, flops = _global_step(
+                        loss, shown_loss, lm_loss, exit_loss, n_tokens, flops
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if world > 1:
+                    _sum_gradients(replicated)
+                grad_norm, _ = (clip(subset, config.grad_clip) for subset in clip_sets)  # the LM's norm is reported
+                optimizer.step()
+                block.update_moe_bias()  # MoE layers' aux-loss-free balancing: outside autograd, once per step
+                scheduler.step()
+                state["step"] += 1
+                stats.train_tokens += n_tokens
+                stats.train_flops += flops
+                running += float(lm_loss) * n_tokens
+                running_n += n_tokens
+                step_losses.append(float(lm_loss))
+                if callback:
+                    callback({
+                        "kind": "step", "step": state["step"], "epoch": epoch, "loss": shown_loss,
+                        "lm_loss": float(lm_loss), "exit_loss": float(exit_loss), "tokens": n_tokens,
+                        "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                        **step_routing_metrics(block.moe_ffns),
+                    })  # fmt: skip
+                last_of_epoch = i == steps_per_epoch - 1
+                if state["step"] % eval_every == 0 or last_of_epoch or state["step"] >= total_steps:
+                    stop = validate(epoch, running / max(running_n, 1), step_losses) or state["step"] >= total_steps
+                    running, running_n, step_losses = 0.0, 0, []
+                    if checkpoint is not None:
+                        if last_of_epoch:
+                            state["epoch"] = epoch + 1
+                        _save_checkpoint(checkpoint, trained, optimizer, scheduler, state, stats, sharded is not None)
+                    if stop:
+                        break
+            state["epoch"] = epoch + 1
+        stats.moe = tally.summary(reduce=True)  # [] for a dense block
     stats.stopped_early = state["bad_evals"] >= config.patience
     if state["best"] is not None:
         _load_trained(trained, state["best"])
@@ -482,18 +482,6 @@ def fit_block(
         stats.collect_flops = distributed.global_sum(_collect_flops(block, train))
     stats.seconds = time.perf_counter() - started
     return hard_data, stats
-
-
-def _moe_step_metrics(block: LEGOBlock) -> dict[str, float]:
-    """The step's routing, averaged over the block's MoE layers (this rank's tokens): load imbalance (max / mean
-    slots per expert, 1 = balanced) and the share of routed slots dropped over capacity; {} for a dense block."""
-    stats = [ffn.stats for ffn in block.moe_ffns if ffn.stats is not None]
-    if not stats:
-        return {}
-    return {
-        "moe_imbalance": sum(float(s.imbalance) for s in stats) / len(stats),
-        "moe_dropped": sum(float(s.dropped) for s in stats) / len(stats),
-    }
 
 
 def _collect_flops(block: LEGOBlock, data: TrainingData) -> float:

@@ -30,6 +30,7 @@ tokens only, so kept tokens are never routed, never counted in the load and neve
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -279,6 +280,19 @@ class MoEFeedForward(nn.Module):
             return
         delta = self.config.bias_update_rate * torch.sign(counts.mean() - counts)
         self.expert_bias += delta - delta.mean()
+
+
+def step_routing_metrics(ffns: Iterable[MoEFeedForward]) -> dict[str, float]:
+    """The last forward's routing, averaged over the MoE layers `ffns` (this rank's tokens): load imbalance
+    (max / mean slots per expert, 1 = balanced) and the share of routed slots dropped over capacity; {} when
+    none of them routed anything (a dense model)."""
+    stats = [ffn.stats for ffn in ffns if ffn.stats is not None]
+    if not stats:
+        return {}
+    return {
+        "moe_imbalance": sum(float(s.imbalance) for s in stats) / len(stats),
+        "moe_dropped": sum(float(s.dropped) for s in stats) / len(stats),
+    }
 
 
 class RoutingTally:

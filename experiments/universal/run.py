@@ -6,7 +6,8 @@ evals_per_epoch, max_steps, batch_size); the other entries only give the depth (
 
 `stage_0/` holds, as LEGO's stages do:
   model.safetensors    the trained model (thresholds included)
-  stats.json           written last: its presence marks the run's training complete (a re-run loads it)
+  stats.json           written last: its presence marks the run's training complete (a re-run loads it);
+                       per layer its stats (`blocks`), and per MoE layer its training routing (`moe`)
   checkpoint.*         after each epoch while training (weights as safetensors, optimizer state as plain
                        tensors loadable with weights_only=True); removed when training completes
 """
@@ -24,6 +25,7 @@ from experiments.universal.trainer import UniversalTrainer
 from lego.atomic import atomic_write
 from lego.fitting import FitConfig, lr_schedule, perplexity
 from lego.model import LEGOTransformer
+from lego.moe import RoutingTally, step_routing_metrics
 from lego.pipeline.config import RunConfig
 from lego.pipeline.files import load_weights, read_json, save_weights, write_json
 from lego.pipeline.progress import StageProgress
@@ -90,6 +92,9 @@ def train_from_run(
         final = rows[-1]
         progress({"kind": "eval", **final, **{f"val_ppl_layer{r + 1}": row["val_ppl"] for r, row in enumerate(rows)}})
 
+    # per MoE layer, its routing over the training steps this process ran ([] for a dense model)
+    tally = RoutingTally(model.named_moe_ffns(), training=True)
+    moe_ffns = list(tally.ffns.values())
     try:
         while state["epoch"] < stage.epochs and state["step"] < total_steps:
             epoch = state["epoch"]
@@ -106,7 +111,7 @@ def train_from_run(
                     if key.endswith("_loss"):
                         running[key] = running.get(key, 0.0) + value * n
                 running["tokens"] = running.get("tokens", 0.0) + n
-                progress({**event, "step": state["step"]})
+                progress({**event, "step": state["step"], **step_routing_metrics(moe_ffns)})
                 if state["step"] % eval_every == 0 or state["step"] >= total_steps:
                     validate(epoch)
 
@@ -122,7 +127,9 @@ def train_from_run(
             save_weights(model, stage_dir / "checkpoint.safetensors")
             saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state}
             atomic_write(checkpoint, lambda tmp, saved=saved: torch.save(saved, tmp))
+        moe = tally.summary(reduce=True)
     finally:
+        tally.close()
         progress.close()
 
     trainer.configure_routing(model)
@@ -136,7 +143,8 @@ def train_from_run(
             "seconds": seconds if k == 0 else 0.0, "evals": evals,
         })  # fmt: skip
     save_weights(model, stage_dir / "model.safetensors")
-    write_json(stage_dir / "stats.json", {"method": "universal", "universal": run.universal, "blocks": blocks})
+    stats = {"method": "universal", "universal": run.universal, "blocks": blocks, "moe": moe}
+    write_json(stage_dir / "stats.json", stats)
     for name in ("checkpoint.pt", "checkpoint.safetensors"):
         (stage_dir / name).unlink(missing_ok=True)
     tracker.log_stage_end(0, {**blocks[-1], "train_flops": sum(state["flops"])})

@@ -50,6 +50,7 @@ PER_BLOCK_LISTS = {"exit_counts": "exit_count", "exit_rates": "exit_rate"}
 
 MOE_FIELDS = ("imbalance", "entropy", "dropped", "tokens")  # per MoE layer, beside its expert load
 
+
 class Tracker:
     """Logs one run to W&B: per-stage training curves, stage summaries, final exit stats, tables and plots.
 

@@ -199,13 +199,18 @@ def test_routing_tally_sums_forwards_and_counts_only_the_asked_mode():
     x = torch.randn(30, DIM)
     with RoutingTally({"ffn": moe}, training=False) as tally:
         moe.eval()
-        moe(x), moe(x[:10])
+        moe(x)
         first = moe.stats
+        moe(x[:10])
+        second = moe.stats
         moe.train()
         moe(x)  # not counted
     (row,) = tally.summary()
     assert row["tokens"] == 40
-    assert sum(row["load"]) == pytest.approx(1.0)
+    counts = first.counts + second.counts  # the pooled load is the two forwards' slot counts together
+    torch.testing.assert_close(torch.tensor(row["load"]), (counts / counts.sum()).float())
+    assert row["dropped"] == pytest.approx(1 - float(counts.sum()) / (40 * 2))  # 40 tokens, top-2: 80 slots
+    assert row["imbalance"] == pytest.approx(float(counts.max() / counts.mean()))
     assert 0 < row["dropped"] < 1 and first.dropped > 0  # capacity 0.5: slots over it are dropped and reported
     assert row["imbalance"] >= 1.0 and 0 < row["entropy"] <= row["max_entropy"]
     assert len(moe._forward_hooks) == 0  # closed

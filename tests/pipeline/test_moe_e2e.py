@@ -63,7 +63,11 @@ def test_universal_with_experts_trains_and_balances(tmp_path, cache_dir):
                      cache_dir=cache_dir)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
-    assert [row["layer"] for row in results["moe"]] == ["block0.layer0", "block1.layer0", "block2.layer0"]
+    layers = ["block0.layer0", "block1.layer0", "block2.layer0"]
+    assert [row["layer"] for row in results["moe"]] == layers  # the test pass
+    trained = json.loads((run_dir / "stage_0" / "stats.json").read_text())["moe"]  # the training steps
+    assert [row["layer"] for row in trained] == layers
+    assert all(row["tokens"] > results["moe"][0]["tokens"] and row["imbalance"] >= 1 for row in trained)
     weights = load_file(str(run_dir / "stage_0" / "model.safetensors"))
     biases = [weights[f"blocks.{k}.layers.0.ffn.expert_bias"] for k in range(3)]
     assert all(bias.abs().sum() > 0 for bias in biases)  # every layer's bias took balancing steps
