@@ -169,11 +169,11 @@ class GroupedExperts(nn.Module):
         return torch._grouped_mm(hidden, self.w_down, offs=offsets)
 
     def forward_loop(self, x: Tensor, counts: Tensor) -> Tensor:
-        """One plain matrix multiply pair per expert that got tokens (the reference)."""
+        """One plain matrix multiply pair per expert that got tokens (the reference). `unbind`, not `w[e]`: the
+        backward of each `w[e]` would fill a zero gradient the size of all experts' weights."""
+        gate_up, down = self.w_gate_up.unbind(0), self.w_down.unbind(0)
         outputs = [
-            swiglu(part @ self.w_gate_up[e]) @ self.w_down[e]
-            for e, part in enumerate(x.split(counts.tolist()))
-            if part.shape[0]
+            swiglu(part @ gate_up[e]) @ down[e] for e, part in enumerate(x.split(counts.tolist())) if part.shape[0]
         ]
         return torch.cat(outputs) if outputs else x.new_zeros(0, self.w_down.shape[-1])
 
