@@ -359,16 +359,19 @@ def dense_gap_lines(groups: dict[tuple[str, str], list[dict]]) -> list[str]:
     ]
 
 
-def moe_lines(groups: dict[tuple[str, str], list[dict]]) -> list[str]:
-    """Each MoE method against its dense-FFN twin at 400k tokens: PPL verdicts and the experts' load."""
+def moe_lines(groups: dict[tuple[str, str], list[dict]], plot_path: Path) -> list[str]:
+    """Each MoE method against its dense-FFN twin at 400k tokens: PPL verdicts, the experts' load and a plot."""
     pairs = [(moe, dense) for moe, dense in MOE_PAIRS.items() if (moe, "400k") in groups and (dense, "400k") in groups]
     if not pairs:
         return []
+    plot_moe(groups, pairs, plot_path)
     lines = [
         "## Mixture of Experts",
         "",
         "Every layer's SwiGLU replaced by 8 experts of half its width, top-2 routing, auxiliary loss + router "
         "z-loss (`moe=e8_top2_aux`): the same active FLOPs per token, 4x the FFN parameters, at 400k tokens.",
+        "",
+        f"![test PPL of experts and dense FFNs]({plot_path.name})",
         "",
         "| method | seeds | test PPL | its dense-FFN twin | experts vs dense FFNs | honest cost | max/mean load |",
         "| --- | ---: | ---: | ---: | --- | ---: | ---: |",
@@ -384,12 +387,30 @@ def moe_lines(groups: dict[tuple[str, str], list[dict]]) -> list[str]:
     return [*lines, "", "*ahead* means the experts give the lower test PPL (same rule as above).", ""]
 
 
-def plot_isoflop(groups: dict[tuple[str, str], list[dict]], budgets: list[str], path: Path) -> Path:
+def plot_moe(groups: dict[tuple[str, str], list[dict]], pairs: list[tuple[str, str]], path: Path) -> bytes:
+    """Test PPL against honest inference cost at 400k tokens: one line through the dense-FFN methods, one
+    through their MoE twins, error bars = seed sd."""
+    from lego.report.plots import plot_series
+
+    series: dict[str, list[dict]] = {"dense FFNs": [], "MoE FFNs (8 experts, top-2)": []}
+    for moe, dense in pairs:
+        for name, method in zip(series, (dense, moe), strict=True):
+            cost, ppl = stat(groups[(method, "400k")], "honest_cost"), stat(groups[(method, "400k")], "test_ppl")
+            series[name].append({"x": cost.mean, "y": ppl.mean, "xerr": cost.sd, "yerr": ppl.sd, "label": dense})
+    return plot_series(
+        series, path, xlabel="honest inference cost (x dense)", ylabel="test PPL (early exit)",
+        title="Experts vs dense FFNs, 400k tokens (error bars: sd over seeds)",
+    )  # fmt: skip
+
+
+def plot_isoflop(groups: dict[tuple[str, str], list[dict]], budgets: list[str], path: Path) -> bytes:
     """Test PPL against training FLOPs, one line per method over the budgets, error bars = seed sd."""
     from lego.report.plots import plot_series
 
     series = {}
     for method in METHODS:
+        if method in MOE_PAIRS:
+            continue  # one budget only: plotted against their dense-FFN twins in the MoE section
         points = []
         for budget in budgets:
             runs = groups.get((method, budget))
@@ -433,7 +454,7 @@ def report(out: Path, jobs: list[Job], budgets: list[str], report_path: Path, co
         "",
         *budget_lines(groups, budgets),
         *dense_gap_lines(groups),
-        *moe_lines(groups),
+        *moe_lines(groups, report_path.with_name(f"{report_path.stem}_moe.png")),
     ]
     missing = [job.name for job in jobs if not (out / job.name / "results.json").is_file()]
     if missing:

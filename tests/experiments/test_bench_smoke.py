@@ -124,5 +124,7 @@ def test_compare_methods_moe_against_its_dense_twin_quick(tmp_path, monkeypatch)
     section = text.split("## Mixture of Experts")[1]
     row = next(line for line in section.splitlines() if line.startswith("| dense MoE | 2 |"))
     assert "(dense)" in row and any(word in row for word in ("ahead", "behind", "within noise")), row
+    assert "![test PPL of experts and dense FFNs](results_moe.png)" in section
+    assert (tmp_path / "results_moe.png").stat().st_size > 1000
     results = json.loads(next((tmp_path / "runs" / "dense_MoE").glob("400k/seed0/results.json")).read_text())
     assert len(results["moe"]) == 4  # every layer of the 4-layer block
