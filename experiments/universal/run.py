@@ -7,7 +7,8 @@ evals_per_epoch, max_steps, batch_size); the other entries only give the depth (
 `stage_0/` holds, as LEGO's stages do:
   model.safetensors    the trained model (thresholds included)
   stats.json           written last: its presence marks the run's training complete (a re-run loads it);
-                       per layer its stats (`blocks`), and per MoE layer its training routing (`moe`)
+                       per layer its stats (`blocks`), and per MoE layer its routing over the training
+                       steps since the last resume (`moe`)
   checkpoint.*         after each epoch while training (weights as safetensors, optimizer state as plain
                        tensors loadable with weights_only=True); removed when training completes
 """
@@ -92,7 +93,8 @@ def train_from_run(
         final = rows[-1]
         progress({"kind": "eval", **final, **{f"val_ppl_layer{r + 1}": row["val_ppl"] for r, row in enumerate(rows)}})
 
-    # per MoE layer, its routing over the training steps this process ran ([] for a dense model)
+    # per MoE layer, its routing over the training steps this process ran, i.e. since the last resume, as in
+    # LEGO's stages ([] for a dense model)
     tally = RoutingTally(model.named_moe_ffns(), training=True)
     moe_ffns = list(tally.ffns.values())
     try:

@@ -241,7 +241,7 @@ def _unknown_key_message(key: str, siblings: list[str], known: list[str]) -> str
 
 
 _HYDRA_FLAGS_WITH_VALUE = {
-    "-sc", "--shell-completion", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
+    "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-c", "--cfg", "-p", "--package",
     "--experimental-rerun",
 }  # fmt: skip
 
@@ -256,7 +256,12 @@ def exit_on_unknown_override_keys(args: list[str], conf_dir: Path) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    values_of_flags = {i + 1 for i, arg in enumerate(args) if arg in _HYDRA_FLAGS_WITH_VALUE}  # -sc install=bash
+    if "-sc" in args or "--shell-completion" in args:
+        return  # `-sc install=bash`: the arguments are Hydra's completion command, not overrides
+    values_of_flags = {i + 1 for i, arg in enumerate(args) if arg in _HYDRA_FLAGS_WITH_VALUE}  # -cn other
+    # config groups may also live in an added config dir (`-cd DIR`, `--config-dir=DIR`)
+    group_dirs = [conf_dir, *(Path(args[i + 1]) for i, arg in enumerate(args[:-1]) if arg in ("-cd", "--config-dir"))]
+    group_dirs += [Path(arg.split("=", 1)[1]) for arg in args if arg.startswith("--config-dir=")]
     plain = [
         arg for i, arg in enumerate(args)
         if "=" in arg and not arg.startswith(("-", "+", "~")) and i not in values_of_flags
@@ -269,7 +274,9 @@ def exit_on_unknown_override_keys(args: list[str], conf_dir: Path) -> None:
     errors = []
     for override in overrides:
         key = override.key_or_group
-        if override.package is not None or key.split(".")[0].split("/")[0] == "hydra" or (conf_dir / key).is_dir():
+        if override.package is not None or key.split(".")[0].split("/")[0] == "hydra" or any(
+            (directory / key).is_dir() for directory in group_dirs
+        ):
             continue
         path, siblings = _schema_path(RunConfig, key.split("."))
         if path is None:

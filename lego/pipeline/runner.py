@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -108,6 +109,7 @@ def run_experiment(
             parameters=n_params,
             data={k: prepared.summary[k] for k in ("source", "documents", "tokens", "vocab_size", "fingerprint")},
             wall_seconds=time.perf_counter() - started,
+            code=code_version(),
         )
         write_json(run_dir / "results.json", results)
         images = make_run_plots(results, run_dir / "plots")
@@ -185,6 +187,24 @@ def final_results(
         "objective": objective(run, val["ppl"], scan),
         "moe": tally.summary(),  # per MoE layer: expert load, imbalance, entropy, dropped share ([] when dense)
     }
+
+
+def code_version() -> dict | None:
+    """The git commit of the LEGO checkout that ran and whether it had uncommitted changes to tracked files, so
+    a result says which code made it; None when LEGO does not run from a git checkout (an installed wheel)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head, status = (
+            subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+            for args in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"])
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0 or status.returncode != 0:
+        return None
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
 def objective(run: RunConfig, val_ppl: float, scan: list[dict]) -> float:

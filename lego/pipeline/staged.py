@@ -64,6 +64,7 @@ def train_staged(
     complete = distributed.broadcast_object([(path / "stats.json").is_file() for path in stage_dirs])
     saved = distributed.broadcast_object([_saved_inputs(path) for path in stage_dirs])
     needed = _inputs_needed(complete, saved)
+    _check_inputs_available(stage_dirs, needed, saved)
     recomputes = any(need and kind == "mask" for need, kind in zip(needed, saved, strict=True))
     if (dump == "none" and len(model.blocks) > 1) or recomputes:
         _check_recompute_fits(train, model.dim, budget)
@@ -82,14 +83,9 @@ def train_staged(
             saved_world = stats.get("ranks", 1)
             if needed[k] and saved[k] == "dump":
                 hard = load_shard(hard_path, saved_world, rank, world, budget)
-            elif needed[k] and saved[k] == "mask":  # recomputed along the chain of complete stages
+            elif needed[k]:  # a mask (checked above): recomputed along the chain of complete stages
                 mask = load_shard(mask_path, saved_world, rank, world, None)
                 hard = _recompute_hard(k, block, train, embedding, mask, run.trainer.eval_batch_size)
-            elif needed[k]:
-                raise ConfigError(
-                    f"{stage_dir} holds neither hard_tokens nor hard_mask, which Block {k + 1}'s inputs are made "
-                    f"from; delete {stage_dir.name} and the later stage folders to retrain from there"
-                )
             results.append(StageResult(stats, resumed=True))
         else:
             active_share = distributed.global_sum(len(train)) / distributed.global_sum(train.targets.numel())
@@ -130,11 +126,8 @@ def train_staged(
             tracker.log_stage_end(k, stage_metrics(k, stats))
             results.append(StageResult(stats, resumed=False))
             print(_stage_line(k, stats))
-        if k > 0 and dump == "delete" and distributed.is_main() and _saved_inputs(stage_dir) != "mask":
-            # stage k is complete, so no resume needs the previous stage's dump again, unless stage k left
-            # only a mask (an earlier `trainer.dump=none`): its inputs are rebuilt from that dump
-            for path in stage_dirs[k - 1].glob("hard_tokens*.safetensors"):
-                path.unlink()
+        if dump == "delete" and distributed.is_main():
+            _delete_unneeded_inputs(stage_dirs, k)
         if not last:
             # Validation for the next stage: the tokens inference would send on (threshold routing).
             routed_path = shard_path(stage_dir / "val_routed.safetensors", rank, world)
@@ -163,6 +156,37 @@ def _inputs_needed(complete: list[bool], saved: list[str | None]) -> list[bool]:
     for k in range(first_incomplete - 1, -1, -1):
         needed[k] = k == first_incomplete - 1 or (needed[k + 1] and saved[k + 1] == "mask")
     return needed
+
+
+def _check_inputs_available(stage_dirs: list[Path], needed: list[bool], saved: list[str | None]) -> None:
+    """Before any work: every complete stage a resume rebuilds the next block's inputs from still holds them.
+    If one does not, name the earliest stage folder to delete: the first one whose own inputs can be rebuilt."""
+    for k, need in enumerate(needed):
+        if need and saved[k] is None:
+            j = k
+            while j > 0 and not _rebuildable(saved, j - 1):
+                j -= 1
+            raise ConfigError(
+                f"{stage_dirs[k]} holds neither hard_tokens nor hard_mask, which Block {k + 1}'s inputs are made "
+                f"from; delete {stage_dirs[j].name} and the later stage folders to retrain from there"
+            )
+
+
+def _rebuildable(saved: list[str | None], k: int) -> bool:
+    """Whether stage k's files give the next block's inputs: its dump, or its mask plus its own inputs."""
+    return saved[k] == "dump" or (saved[k] == "mask" and (k == 0 or _rebuildable(saved, k - 1)))
+
+
+def _delete_unneeded_inputs(stage_dirs: list[Path], k: int) -> None:
+    """`trainer.dump=delete`, once stage k is complete: remove every earlier stage's dump or mask that no resume
+    can need: all but the chain the first incomplete stage's inputs are rebuilt from (`_inputs_needed`)."""
+    complete = [(path / "stats.json").is_file() for path in stage_dirs]
+    needed = _inputs_needed(complete, [_saved_inputs(path) for path in stage_dirs])
+    for j in range(k):
+        if not needed[j]:
+            for pattern in ("hard_tokens*.safetensors", "hard_mask*.safetensors"):
+                for path in stage_dirs[j].glob(pattern):
+                    path.unlink()
 
 
 def _check_recompute_fits(train: TrainingData, dim: int, budget: float | None) -> None:

@@ -75,13 +75,16 @@ def test_every_key_of_every_preset_passes_the_override_check(preset):
     exit_on_unknown_override_keys(overrides, CONF)  # SystemExit would fail the test
 
 
-def test_hydra_groups_and_flag_values_pass_the_override_check():
-    """Hydra's own config groups (`hydra/sweeper=optuna`) and the values of its flags are not our keys."""
+def test_hydra_groups_and_flag_values_pass_the_override_check(tmp_path):
+    """Hydra's own config groups (`hydra/sweeper=optuna`), groups of an added config dir and the values of
+    Hydra's flags are not our keys."""
+    (tmp_path / "mygroup").mkdir()
     exit_on_unknown_override_keys(
         ["hydra/sweeper=optuna", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled", "hydra/launcher=basic",
-         "hydra.job.chdir=false", "-sc", "install=bash", "--config-name", "a=b", "seed=1"],
+         "hydra.job.chdir=false", "--config-name", "a=b", "-cd", str(tmp_path), "mygroup=x", "seed=1"],
         CONF,
     )  # fmt: skip
+    exit_on_unknown_override_keys(["-sc", "install=bash"], CONF)  # a shell-completion command
     with pytest.raises(SystemExit) as exit_info:
         exit_on_unknown_override_keys(["-m", "hydra/sweeper=basic", "seeed=1"], CONF)
     assert exit_info.value.code == 2

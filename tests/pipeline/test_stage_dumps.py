@@ -5,6 +5,7 @@ chosen step of a chosen stage, after that stage has written a checkpoint: a resu
 """
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -143,6 +144,19 @@ def test_delete_keeps_the_dump_a_later_mask_is_recomputed_from(tmp_path):
     assert (run_dir / "stage_0" / "hard_tokens.safetensors").is_file()
     resumed = stage_run(run_dir, blocks=3, dump="delete", dump_dtype="float32")
     assert_same_weights(resumed, reference, exact=False)
+    assert not list(run_dir.glob("stage_*/hard_*"))  # all complete: nothing is needed any more, nothing kept
+
+
+def test_a_resume_whose_inputs_are_gone_names_the_earliest_folder_to_delete_before_any_work(tmp_path):
+    """After a full `delete` run only the last stage's folder is removed: stage 1's inputs were deleted with
+    stage 0's, so both must be retrained, and the error says so at once (not one stage per attempt)."""
+    run_dir = tmp_path / "run"
+    stage_run(run_dir, blocks=3, dump="delete")
+    shutil.rmtree(run_dir / "stage_2")
+    tracker = FakeTracker()
+    with pytest.raises(ValueError, match="stage_1 holds neither hard_tokens nor hard_mask.*delete stage_0 and"):
+        stage_run(run_dir, blocks=3, tracker=tracker)
+    assert not (run_dir / "stage_2").exists() and tracker.steps == {}  # refused before any work
 
 
 def test_a_resume_missing_the_inputs_it_needs_says_which_folders_to_delete(tmp_path):

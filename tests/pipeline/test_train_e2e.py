@@ -2,13 +2,14 @@
 multirun, W&B read-back."""
 
 import json
+import subprocess
 
 import torch
 from safetensors.torch import load_file
 
 from lego import TrainingData
 from lego.pipeline.tracking import read_offline_run
-from tests.launch import run_train
+from tests.launch import REPO, run_train
 
 RESULT_KEYS = {
     "test_ppl", "test_acc", "val_ppl", "val_acc", "exit_counts", "exit_rates", "shallow_ratio",
@@ -29,6 +30,11 @@ def test_tiny_run_writes_every_output(tiny_run):
     assert 0.0 < results["shallow_ratio"] < 1.0
     assert results["test_ppl"] < results["unigram_ppl"]  # it learned something
     assert [b["block"] for b in results["blocks"]] == [0, 1]
+    if (REPO / ".git").exists():  # which code ran (a copy without git history cannot say)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        assert results["code"]["commit"] == head and isinstance(results["code"]["dirty"], bool)
+    else:
+        assert results["code"] is None
     for name in ("exit_rates", "confidence_histograms", "ppl_vs_compute", "training_curves"):
         assert (tiny_run / "plots" / f"{name}.png").stat().st_size > 1000
     # a single run gets its report too (Hydra's callback): one row, status finished
