@@ -421,7 +421,7 @@ def plot_isoflop(groups: dict[tuple[str, str], list[dict]], budgets: list[str], 
             series[method] = points
     return plot_series(
         series, path, xlabel="training FLOPs (steps + hard-token collection)", ylabel="test PPL (early exit)",
-        title="Test PPL vs training compute (error bars: sd over seeds)", log_x=True,
+        title="Test PPL vs training compute (error bars: sd over seeds)", log_x=True, log_y=True,
     )  # fmt: skip
 
 

@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from lego.atomic import atomic_write
 from lego.pipeline.plots import X_LABELS, _moving_average, _step_losses
@@ -158,7 +159,8 @@ def _config_legend(fig: Figure, ax, labels: list[str]) -> None:
 
 
 def plot_series(
-    series: dict[str, list[dict]], path: Path, *, xlabel: str, ylabel: str, title: str, log_x: bool = False
+    series: dict[str, list[dict]], path: Path, *, xlabel: str, ylabel: str, title: str, log_x: bool = False,
+    log_y: bool = False,
 ) -> bytes:
     """One line per series through points {x, y, xerr, yerr, label}, error bars on both axes, each point
     annotated with its label (e.g. a token budget)."""
@@ -173,6 +175,11 @@ def plot_series(
                         fontsize=8, color=color(i))  # fmt: skip
     if log_x:
         ax.set_xscale("log")
+    if log_y:
+        ax.set_yscale("log")
+        plain = FuncFormatter(lambda value, _: f"{value:g}")  # 200, not 2 x 10^2
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
     return _finish(fig, ax, path, xlabel, ylabel, title, alpha=0.3, which="both")
 
 
