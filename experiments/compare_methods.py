@@ -448,7 +448,8 @@ def report(out: Path, jobs: list[Job], budgets: list[str], report_path: Path, co
         "training steps plus, for LEGO, the forward that scores the next block's hard tokens. *speed-up* is the "
         "median over alternating timing rounds of full-depth over early-exit wall time (mean of the runs' "
         "medians). A verdict calls LEGO *ahead* or *behind* only when the difference of means exceeds twice "
-        "its standard error (shown as ±); otherwise *within noise*.",
+        "its standard error (the ± after the difference is that bound); otherwise *within noise*. Where dense's "
+        "curve is *extrapolated* past its measured FLOPs, the ± leaves out the extrapolation's own error.",
         "",
         f"![test PPL vs training FLOPs]({plot_path.name})",
         "",
