@@ -60,8 +60,14 @@ METHODS: dict[str, Method] = {
     "dense MoE": Method(("+experiment=compare_dense_block", "moe=e8_top2_aux"), 1, budgets=("400k",)),
     "lego r=0.3 MoE": Method(("+experiment=compare_lego", "hard_ratio.value=0.3", "moe=e8_top2_aux"), 2,
                              budgets=("400k",)),  # fmt: skip
+    # experts only where the hard tokens go: Block 1's layers (`model.moe.layers=later_blocks`)
+    "lego r=0.3 MoE in Block 1": Method(
+        ("+experiment=compare_lego", "hard_ratio.value=0.3", "moe=e8_top2_aux", "model.moe.layers=later_blocks"), 2,
+        budgets=("400k",),
+    ),  # fmt: skip
 }
-MOE_PAIRS = {"dense MoE": DENSE, "lego r=0.3 MoE": "lego r=0.3"}  # each MoE method and its dense-FFN twin
+# each MoE method and its dense-FFN twin
+MOE_PAIRS = {"dense MoE": DENSE, "lego r=0.3 MoE": "lego r=0.3", "lego r=0.3 MoE in Block 1": "lego r=0.3"}
 # budget name -> (max_train_tokens, epochs); 400k is the compare presets' own budget (conf/experiment/compare_*)
 BUDGETS: dict[str, tuple[int, int]] = {
     "100k": (100_000, 1),
@@ -368,8 +374,9 @@ def moe_lines(groups: dict[tuple[str, str], list[dict]], plot_path: Path) -> lis
     lines = [
         "## Mixture of Experts",
         "",
-        "Every layer's SwiGLU replaced by 8 experts of half its width, top-2 routing, auxiliary loss + router "
-        "z-loss (`moe=e8_top2_aux`): the same active FLOPs per token, 4x the FFN parameters, at 400k tokens.",
+        "Every layer's SwiGLU (*in Block 1*: only Block 1's layers, where the hard tokens go) replaced by 8 "
+        "experts of half its width, top-2 routing, auxiliary loss + router z-loss (`moe=e8_top2_aux`): the same "
+        "active FLOPs per token, 4x those FFNs' parameters, at 400k tokens.",
         "",
         f"![test PPL of experts and dense FFNs]({plot_path.name})",
         "",
@@ -389,17 +396,22 @@ def moe_lines(groups: dict[tuple[str, str], list[dict]], plot_path: Path) -> lis
 
 def plot_moe(groups: dict[tuple[str, str], list[dict]], pairs: list[tuple[str, str]], path: Path) -> bytes:
     """Test PPL against honest inference cost at 400k tokens: one line through the dense-FFN methods, one
-    through their MoE twins, error bars = seed sd."""
+    through their twins with experts in every layer, one through those with experts in Block 1 only; error
+    bars = seed sd, each point labelled with its dense-FFN twin."""
     from lego.report.plots import plot_series
 
-    series: dict[str, list[dict]] = {"dense FFNs": [], "MoE FFNs (8 experts, top-2)": []}
+    def point(method: str, twin: str) -> dict:
+        cost, ppl = stat(groups[(method, "400k")], "honest_cost"), stat(groups[(method, "400k")], "test_ppl")
+        return {"x": cost.mean, "y": ppl.mean, "xerr": cost.sd, "yerr": ppl.sd, "label": twin}
+
+    twins = dict.fromkeys(dense for _, dense in pairs)  # each once, in order
+    series: dict[str, list[dict]] = {"dense FFNs": [point(dense, dense) for dense in twins]}
     for moe, dense in pairs:
-        for name, method in zip(series, (dense, moe), strict=True):
-            cost, ppl = stat(groups[(method, "400k")], "honest_cost"), stat(groups[(method, "400k")], "test_ppl")
-            series[name].append({"x": cost.mean, "y": ppl.mean, "xerr": cost.sd, "yerr": ppl.sd, "label": dense})
+        where = "experts in Block 1 only" if moe.endswith("in Block 1") else "experts in every layer"
+        series.setdefault(where, []).append(point(moe, dense))
     return plot_series(
         series, path, xlabel="honest inference cost (x dense)", ylabel="test PPL (early exit)",
-        title="Experts vs dense FFNs, 400k tokens (error bars: sd over seeds)",
+        title="Experts (8, top-2) vs dense FFNs, 400k tokens (error bars: sd over seeds)",
     )  # fmt: skip
 
 
