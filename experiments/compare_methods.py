@@ -397,18 +397,18 @@ def moe_lines(groups: dict[tuple[str, str], list[dict]], plot_path: Path) -> lis
 def plot_moe(groups: dict[tuple[str, str], list[dict]], pairs: list[tuple[str, str]], path: Path) -> bytes:
     """Test PPL against honest inference cost at 400k tokens: one line through the dense-FFN methods, one
     through their twins with experts in every layer, one through those with experts in Block 1 only; error
-    bars = seed sd, each point labelled with its dense-FFN twin."""
+    bars = seed sd; the dense-FFN points are labelled, each MoE point sits at its twin's inference cost."""
     from lego.report.plots import plot_series
 
-    def point(method: str, twin: str) -> dict:
+    def point(method: str, label: str) -> dict:
         cost, ppl = stat(groups[(method, "400k")], "honest_cost"), stat(groups[(method, "400k")], "test_ppl")
-        return {"x": cost.mean, "y": ppl.mean, "xerr": cost.sd, "yerr": ppl.sd, "label": twin}
+        return {"x": cost.mean, "y": ppl.mean, "xerr": cost.sd, "yerr": ppl.sd, "label": label}
 
     twins = dict.fromkeys(dense for _, dense in pairs)  # each once, in order
     series: dict[str, list[dict]] = {"dense FFNs": [point(dense, dense) for dense in twins]}
-    for moe, dense in pairs:
+    for moe, _ in pairs:
         where = "experts in Block 1 only" if moe.endswith("in Block 1") else "experts in every layer"
-        series.setdefault(where, []).append(point(moe, dense))
+        series.setdefault(where, []).append(point(moe, ""))  # beside its twin: the twin's label says which
     return plot_series(
         series, path, xlabel="honest inference cost (x dense)", ylabel="test PPL (early exit)",
         title="Experts (8, top-2) vs dense FFNs, 400k tokens (error bars: sd over seeds)",
