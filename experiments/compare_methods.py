@@ -407,7 +407,8 @@ def plot_moe(groups: dict[tuple[str, str], list[dict]], pairs: list[tuple[str, s
     twins = dict.fromkeys(dense for _, dense in pairs)  # each once, in order
     series: dict[str, list[dict]] = {"dense FFNs": [point(dense, dense) for dense in twins]}
     for moe, _ in pairs:
-        where = "experts in Block 1 only" if moe.endswith("in Block 1") else "experts in every layer"
+        later_only = "model.moe.layers=later_blocks" in METHODS[moe].overrides
+        where = "experts in Block 1 only" if later_only else "experts in every layer"
         series.setdefault(where, []).append(point(moe, ""))  # beside its twin: the twin's label says which
     return plot_series(
         series, path, xlabel="honest inference cost (x dense)", ylabel="test PPL (early exit)",

@@ -258,13 +258,13 @@ def exit_on_unknown_override_keys(args: list[str], conf_dir: Path) -> None:
 
     if "-sc" in args or "--shell-completion" in args:
         return  # `-sc install=bash`: the arguments are Hydra's completion command, not overrides
-    values_of_flags = {i + 1 for i, arg in enumerate(args) if arg in _HYDRA_FLAGS_WITH_VALUE}  # -cn other
+    flag_of_value = {i + 1: arg for i, arg in enumerate(args[:-1]) if arg in _HYDRA_FLAGS_WITH_VALUE}  # -cn other
     # config groups may also live in an added config dir (`-cd DIR`, `--config-dir=DIR`)
-    group_dirs = [conf_dir, *(Path(args[i + 1]) for i, arg in enumerate(args[:-1]) if arg in ("-cd", "--config-dir"))]
+    group_dirs = [conf_dir, *(Path(args[i]) for i, flag in flag_of_value.items() if flag in ("-cd", "--config-dir"))]
     group_dirs += [Path(arg.split("=", 1)[1]) for arg in args if arg.startswith("--config-dir=")]
     plain = [
         arg for i, arg in enumerate(args)
-        if "=" in arg and not arg.startswith(("-", "+", "~")) and i not in values_of_flags
+        if "=" in arg and not arg.startswith(("-", "+", "~")) and i not in flag_of_value
     ]  # fmt: skip
     try:
         overrides = OverridesParser.create().parse_overrides(plain)
