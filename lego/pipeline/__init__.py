@@ -1,1 +1,7 @@
-"""The stage pipeline: glues model, data and tracking into one experiment (Hydra lives here, not in the model)."""
+"""The stage pipeline: glues model, data and tracking into one experiment (Hydra lives here, not in the model).
+
+`load_run(run_dir)` rebuilds a trained run's model, tokenizer and config for analysis in Python."""
+
+from lego.pipeline.loading import LoadedRun, load_run
+
+__all__ = ["LoadedRun", "load_run"]
