@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -22,6 +23,7 @@ from lego.report.tables import ConfigGroup
 
 DPI = 110
 LEGEND_WIDTH = 38  # characters per legend line
+LEGEND_LINE_INCHES = 8 / 72 * 1.25  # a legend line at 8 pt
 PPL_LABEL = "test perplexity (calibrated early exit)"
 
 
@@ -109,36 +111,91 @@ def plot_confidence(groups: list[ConfigGroup], labels: list[str], path: Path) ->
 
 
 def plot_training_curves(groups: list[ConfigGroup], labels: list[str], path: Path) -> bytes:
+    return _save(training_curves_figure(groups, labels), path)
+
+
+def training_curves_figure(groups: list[ConfigGroup], labels: list[str]) -> Figure:
     """Per stage, every run's smoothed per-step training PPL (line) and its validation PPL (dots), coloured
     by config.
 
     Each stage is scored on its own tokens (Block k > 0 on the hard tokens only), so panels are not comparable
-    with each other; log scale when a panel spans more than 10x."""
+    with each other; log scale when a panel spans more than 10x. A curve that several configs share exactly
+    (stage 0 of configs differing only in the hard ratio, same seed) is drawn once, in the first one's colour:
+    the panel says how many, and the legend names the configs drawn in another's colour."""
     n_stages = max((len(run.results.get("blocks") or []) for g in groups for run in g.finished), default=0)
     fig, axes = _panels(n_stages)
+    behind: dict[int, dict[int, set[int]]] = {}  # config -> stage -> the configs whose colour its curves wear
     for k, ax in enumerate(axes):
         values = []
-        for i, group in enumerate(groups):
-            for run in group.finished:
-                blocks = run.results.get("blocks") or []
-                rows = (blocks[k].get("evals") or []) if len(blocks) > k else []
-                steps, losses = _step_losses(rows)
-                if losses:
-                    smooth = [math.exp(min(v, 50.0)) for v in _moving_average(losses, max(1, len(losses) // 25))]
-                    ax.plot(steps, smooth, color=color(i), alpha=0.7, linewidth=1.2)
-                    values += smooth
-                val = [_nan(row.get("val_ppl")) for row in rows]
-                ax.plot([row["step"] for row in rows], val, color=color(i), marker="o", markersize=4, linestyle="")
-                values += [p for p in val if math.isfinite(p) and p > 0]
+        curves = _stage_curves(groups, k)
+        for rows, configs in curves.values():
+            values += _draw_curve(ax, rows, color(configs[0]))
+            for i in configs[1:]:
+                behind.setdefault(i, {}).setdefault(k, set()).add(configs[0])
         if values and max(values) > 10 * min(values):
             ax.set_yscale("log")
         ax.set_title(f"stage {k}" + (f" (Block {k - 1}'s hard tokens)" if k else " (all tokens)"), fontsize=10)
         ax.set_xlabel("step within the stage")
         ax.set_ylabel("PPL: train (line), validation (dots)")
         ax.grid(alpha=0.3, which="both")
+        _shared_note(ax, [configs for _, configs in curves.values()])
     fig.suptitle("Training curves of every run, per stage")
-    _config_legend(fig, axes[0], labels)
-    return _save(fig, path)
+    _config_legend(fig, axes[0], [label + _behind_note(behind.get(i, {}), labels, i) for i, label in enumerate(labels)])
+    return fig
+
+
+def _stage_curves(groups: list[ConfigGroup], k: int) -> dict[tuple, tuple[list[dict], list[int]]]:
+    """Stage k's distinct curves: what a run logged for it (every step's loss and validation) -> (its eval rows,
+    the configs that logged exactly it, in order). Runs that logged nothing for the stage are left out."""
+    curves: dict[tuple, tuple[list[dict], list[int]]] = {}
+    for i, group in enumerate(groups):
+        for run in group.finished:
+            blocks = run.results.get("blocks") or []
+            rows = (blocks[k].get("evals") or []) if len(blocks) > k else []
+            if not rows:
+                continue
+            key = tuple((row["step"], tuple(row.get("step_losses") or ()), row.get("val_ppl")) for row in rows)
+            _, configs = curves.setdefault(key, (rows, []))
+            if i not in configs:
+                configs.append(i)
+    return curves
+
+
+def _draw_curve(ax, rows: list[dict], colour: str) -> list[float]:
+    """One run's smoothed training PPL and validation dots; returns the PPLs drawn (for the log-scale choice)."""
+    steps, losses = _step_losses(rows)
+    drawn = []
+    if losses:
+        drawn = [math.exp(min(v, 50.0)) for v in _moving_average(losses, max(1, len(losses) // 25))]
+        ax.plot(steps, drawn, color=colour, alpha=0.7, linewidth=1.2)
+    val = [_nan(row.get("val_ppl")) for row in rows]
+    ax.plot([row["step"] for row in rows], val, color=colour, marker="o", markersize=4, linestyle="")
+    return drawn + [p for p in val if math.isfinite(p) and p > 0]
+
+
+def _shared_note(ax, config_sets: list[list[int]]) -> None:
+    """'identical in 2 configs: 3 curves drawn once' in the panel's corner, for each number of configs sharing."""
+    shared = Counter(len(configs) for configs in config_sets if len(configs) > 1)
+    if shared:
+        lines = [f"identical in {n} configs: {count} curve{'s' * (count > 1)} drawn once"
+                 for n, count in sorted(shared.items())]  # fmt: skip
+        ax.text(0.98, 0.97, "\n".join(lines), transform=ax.transAxes, ha="right", va="top", fontsize=8,
+                bbox={"facecolor": "white", "edgecolor": "#bbb", "alpha": 0.9})  # fmt: skip
+
+
+def _behind_note(stages: dict[int, set[int]], labels: list[str], i: int) -> str:
+    """' (stage 0 drawn as hard_ratio=0.3)' for a config whose curves other configs' colours draw, naming each
+    of them by what its label has and this one lacks."""
+    notes = [f"stage {k} drawn as {', '.join(_difference(labels[j], labels[i]) for j in sorted(owners))}"
+             for k, owners in sorted(stages.items())]  # fmt: skip
+    return "".join(f" ({note})" for note in notes)
+
+
+def _difference(label: str, other: str) -> str:
+    """The parts of `label` that `other` lacks ('hard_ratio=0.3' of 'small hard_ratio=0.3' against
+    'small hard_ratio=0.5'); the whole label when they share nothing."""
+    theirs = set(other.split())
+    return " ".join(part for part in label.split() if part not in theirs) or label
 
 
 def _panels(n: int, columns: int = 3) -> tuple[Figure, list]:
@@ -154,12 +211,26 @@ def _panels(n: int, columns: int = 3) -> tuple[Figure, list]:
 
 
 def _config_legend(fig: Figure, ax, labels: list[str]) -> None:
-    handles = [ax.plot([], [], color=color(i))[0] for i in range(len(labels))]
-    fig.legend(handles, _wrapped(labels), loc="outside right upper", fontsize=8)
+    """One legend for all panels."""
+    _outside_legend(fig, [ax.plot([], [], color=color(i))[0] for i in range(len(labels))], labels)
+
+
+def _outside_legend(fig: Figure, handles: list, labels: list[str]) -> None:
+    """The legend right of the axes, its labels wrapped, the figure made tall enough to show every entry."""
+    wrapped = _wrapped(labels)
+    fig.legend(handles, wrapped, loc="outside right upper", fontsize=8)
+    lines = sum(label.count("\n") + 1 for label in wrapped)
+    fig.set_figheight(max(fig.get_figheight(), LEGEND_LINE_INCHES * (lines + 0.5 * len(labels)) + 0.6))
 
 
 def plot_series(
-    series: dict[str, list[dict]], path: Path, *, xlabel: str, ylabel: str, title: str, log_x: bool = False,
+    series: dict[str, list[dict]],
+    path: Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    log_x: bool = False,
     log_y: bool = False,
 ) -> bytes:
     """One line per series through points {x, y, xerr, yerr, label}, error bars on both axes, each point
@@ -205,7 +276,7 @@ def _finish(fig: Figure, ax, path: Path, xlabel: str | None, ylabel: str, title:
 def _legend(fig: Figure, ax) -> None:
     handles, labels = ax.get_legend_handles_labels()
     if handles:
-        fig.legend(handles, _wrapped(labels), loc="outside right upper", fontsize=8)
+        _outside_legend(fig, handles, labels)
 
 
 def _wrapped(labels: list[str]) -> list[str]:
