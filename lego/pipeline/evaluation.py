@@ -3,6 +3,7 @@ scan that turns one trained model into a PPL-vs-compute curve."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -145,17 +146,49 @@ def threshold_scan(
     return sorted(rows, key=lambda row: row["honest_cost"])
 
 
+SPEEDUP_ROUNDS = 9
+# A measured speed-up counts (`speedup_caveat`) when the 1-minute load average stays at most this per CPU (this
+# process's own threads load each CPU about 1)...
+BUSY_LOAD_PER_CPU = 1.5
+QUIET_NOISE = 0.05  # ...and its timing noise is at most 5 % or half its effect |speed-up - 1|
+
+
+def timing_passes(repeats: int = SPEEDUP_ROUNDS) -> int:
+    """How many forwards over its batches `measure_speedup` makes, one `on_pass` call each: a warm-up of either
+    side, then two per round."""
+    return 2 + 2 * repeats
+
+
 @torch.no_grad()
 def measure_speedup(
-    model: LEGOTransformer, windows: Tensor, batch_size: int, device, repeats: int = 9, max_batches: int = 8
+    model: LEGOTransformer,
+    windows: Tensor,
+    batch_size: int,
+    device,
+    repeats: int = SPEEDUP_ROUNDS,
+    max_batches: int = 8,
+    on_pass: Callable[[], None] | None = None,
 ) -> dict:
     """Wall time of the forward at full depth over the forward with the current thresholds, on the same
     batches, in `repeats` alternating rounds (the order flips every round, so neither side always runs
     first). Returns the median ratio with its quartiles and every round's ratio: one timing on a shared
-    machine cannot tell 1.1x from noise, the spread can."""
+    machine cannot tell 1.1x from noise, the spread can.
+
+    The noise floor comes from the same passes, at no extra cost: as the order flips, two passes of equal work
+    meet at every round boundary (full routed | routed full | full routed ...), and their ratio (earlier over
+    later, 1 on an ideal machine) is a null timing of what the machine alone does to two adjacent passes.
+    `noise` is the upper quartile of |null - 1| over those `repeats - 1` pairs, robust to one hiccup as the
+    median is. The trade-off against timing separate null rounds: the pairs share their passes with the rounds,
+    and a cost of the first pass after the thresholds change counts as noise (conservative) where the rounds
+    cancel it. `load` is the 1-minute load average at the start and the end over the CPU count (None where the
+    OS has none); `caveat` says why the figure means nothing, None when it counts (`speedup_caveat`).
+    `on_pass` is called after each pass, so a progress bar moves through a timing that takes minutes on a busy
+    machine."""
     model.eval()
     batches = [b[:, :-1].to(device) for b in windows.split(batch_size)[:max_batches]]
     thresholds = [block.threshold for block in model.blocks]
+    on_gpu = torch.device(device).type == "cuda"
+    load_start = _load_average()
 
     def timed(routed: bool) -> float:
         for block, threshold in zip(model.blocks, thresholds, strict=True):
@@ -163,9 +196,14 @@ def measure_speedup(
         start = time.perf_counter()
         for batch in batches:
             model(batch)
-        return time.perf_counter() - start
+        if on_gpu:  # the kernels still queued belong to this pass
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        if on_pass:
+            on_pass()
+        return seconds
 
-    ratios = []
+    rounds = []  # (full, routed) seconds
     try:
         timed(True), timed(False)  # warm-up
         for round_ in range(repeats):
@@ -173,9 +211,51 @@ def measure_speedup(
                 routed, full = timed(True), timed(False)
             else:
                 full, routed = timed(False), timed(True)
-            ratios.append(full / routed)
+            rounds.append((full, routed))
     finally:
         for block, threshold in zip(model.blocks, thresholds, strict=True):
             block.threshold = threshold
-    q25, median, q75 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
-    return {"median": median, "q25": q25, "q75": q75, "rounds": ratios}
+    load_end = _load_average()
+    ratios = [full / routed for full, routed in rounds]
+    # round r starts with what round r - 1 ended with: routed (index 1) when r is odd, full (index 0) when even
+    null = [rounds[r - 1][r % 2] / rounds[r][r % 2] for r in range(1, repeats)]
+    q25, median, q75 = _quartiles(ratios)
+    timing = {
+        "median": median,
+        "q25": q25,
+        "q75": q75,
+        "rounds": ratios,
+        "null_rounds": null,
+        "noise": _quartiles([abs(ratio - 1) for ratio in null])[2] if null else None,
+        "load": None if load_start is None else {"start": load_start, "end": load_end, "cpus": os.cpu_count()},
+    }
+    return {**timing, "caveat": speedup_caveat(timing)}
+
+
+def speedup_caveat(timing: dict) -> str | None:
+    """Why a measured speed-up means nothing ("machine busy", "noisy timings"), or None when it counts: no other
+    work competed for the CPUs (a 1-minute load average of at most BUSY_LOAD_PER_CPU per CPU at the start and the
+    end of the timing) and the timing noise, the larger of the null pairs' `noise` and the rounds' quartile
+    half-width over their median, is at most QUIET_NOISE or half the effect |speed-up - 1|, whichever is larger
+    (a 1.3x within ±10 % is still a speed-up; a 0.96x within ±8 % is no slow-down)."""
+    load = timing["load"]
+    if load and max(load["start"], load["end"]) > BUSY_LOAD_PER_CPU * (load["cpus"] or 1):
+        return "machine busy"
+    median = timing["median"]
+    spread = (timing["q75"] - timing["q25"]) / 2 / median
+    if max(timing["noise"] or 0.0, spread) > max(QUIET_NOISE, abs(median - 1) / 2):
+        return "noisy timings"
+    return None
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    """[lower quartile, median, upper quartile]; a single value is all three."""
+    return statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average: runnable processes, this one's threads included (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows has no load average
+        return None

@@ -4,14 +4,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lego.pipeline.checks import worse_than_unigram
+
 
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _spread(iqr: list[float] | None) -> str:
-    """' (quartiles 1.10-1.25x)' for a timed ratio's spread over its rounds."""
-    return "" if not iqr else f" (quartiles {iqr[0]:.2f}-{iqr[1]:.2f}x)"
+def _speedup(results: dict) -> str:
+    """'1.16x (quartiles 1.15-1.18x; noise floor ±1.8 %; load 0.3 on 2 CPUs)', or the figure flagged as not
+    meaningful with why; results.json files from before the noise floor give the figure and its quartiles."""
+    speedup, iqr = results.get("inference_speedup"), results.get("inference_speedup_iqr")
+    notes = [f"quartiles {iqr[0]:.2f}-{iqr[1]:.2f}x"] if iqr else []
+    if results.get("inference_speedup_noise") is not None:
+        notes.append(f"noise floor ±{results['inference_speedup_noise'] * 100:.1f} %")
+    load = results.get("inference_speedup_load")
+    if load:
+        notes.append(f"load {max(load['start'], load['end']):.1f} on {load['cpus']} CPUs")
+    figure = f"{_fmt(speedup, '.2f')}x"
+    caveat = results.get("inference_speedup_caveat")
+    if caveat:
+        return f"{figure}, not meaningful: {caveat} ({', '.join(notes)}); rerun on a quiet machine"
+    return figure + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def format_results(results: dict, run_dir: Path | None = None) -> str:
@@ -32,10 +46,11 @@ def format_results(results: dict, run_dir: Path | None = None) -> str:
         "",
         f"test PPL {results['test_ppl']:.2f} (acc {results['test_acc']:.3f}) with early exit; "
         f"{results['test_ppl_full_depth']:.2f} at full depth; unigram baseline {results['unigram_ppl']:.1f}",
+        *worse_than_unigram(results),
         f"val PPL {results['val_ppl']:.2f} (acc {results['val_acc']:.3f})",
         f"shallow ratio {results['shallow_ratio']:.1%}; compute cost {results['compute_cost']:.3f} "
-        f"(honest, with K/V of kept tokens and the head: {results['honest_cost']:.3f}); measured speed-up over "
-        f"full depth {_fmt(results.get('inference_speedup'), '.2f')}x{_spread(results.get('inference_speedup_iqr'))}",
+        f"(honest, with K/V of kept tokens and the head: {results['honest_cost']:.3f})",
+        f"measured speed-up over full depth {_speedup(results)}",
         f"training compute {results['train_flops'] / 1e12:.2f} TFLOP (steps and hard-token collection) "
         f"({_fmt(results['train_flops_vs_dense'], '.2f')} x a dense pass over Block 0's tokens); "
         f"wall time {results['wall_seconds']:.0f}s",

@@ -119,33 +119,63 @@ def _run_table(runs: list[Run]) -> str:
         rows.append([
             run.name, run.status, "-" if run.seed is None else run.seed, mean_sd(m["test_ppl"], None),
             mean_sd(m["test_ppl_full_depth"], None), mean_sd(m["val_ppl"], None),
-            mean_sd(m["honest_cost"], None, ".3f"), mean_sd(m["inference_speedup"], None),
+            mean_sd(m["honest_cost"], None, ".3f"), mean_sd(m["inference_speedup"], None) + _caveat(run),
             mean_sd(m["wall_seconds"], None, ".0f"),
         ])  # fmt: skip
-    return "<details open><summary>one row per run (summary.csv has every column)</summary>" + html.table(
-        columns, rows, text_columns=2, bad_rows=bad
-    ) + "</details>"
+    return (
+        "<details open><summary>one row per run (summary.csv has every column)</summary>"
+        + html.table(columns, rows, text_columns=2, bad_rows=bad)
+        + "</details>"
+    )
+
+
+def _caveat(run: Run) -> str:
+    """' (not meaningful: machine busy)' after a speed-up its run judged noise (`speedup_caveat`); older runs have
+    no verdict."""
+    caveat = run.results.get("inference_speedup_caveat")
+    return f" (not meaningful: {caveat})" if caveat else ""
 
 
 def _figures(groups, labels: list[str], folder: Path) -> list[tuple[str, str]]:
+    compared = sum(1 for group in groups if group.stat("train_flops")[2]) > 1
     made = [
         ("Test PPL vs inference cost", plots.plot_ppl_vs_cost, "ppl_vs_cost",
          "Each config's mean operating point (calibrated thresholds) with sd error bars over seeds; the faint lines "
          "are each run's threshold scan (PPL at other exit shares)."),
-        ("Test PPL vs training compute", plots.plot_ppl_vs_train_flops, "ppl_vs_train_flops",
-         "Training FLOPs count the training steps and each stage's hard-token collection; error bars are sd "
-         "over seeds."),
+        *([("Test PPL vs training compute", plots.plot_ppl_vs_train_flops, "ppl_vs_train_flops",
+            "Training FLOPs count the training steps and each stage's hard-token collection; error bars are sd "
+            "over seeds.")] if compared else []),
         ("Exit rate per block", plots.plot_exit_rates, "exit_rates",
          "Share of test tokens leaving at each block (the last block takes every token still there)."),
         ("Exit confidence per block", plots.plot_confidence, "confidence",
          "Density of the exit confidence of the test tokens reaching each block, seeds pooled; dashed: threshold."),
         ("Training curves", plots.plot_training_curves, "training_curves",
-         "Validation PPL of every run per stage; a later stage is scored on its own (hard) tokens only."),
+         "Training and validation PPL of every run per stage; a later stage is scored on its own (hard) tokens "
+         "only. A curve several configs share exactly is drawn once: the panel counts them, the legend names "
+         "whose colour draws them."),
     ]  # fmt: skip
     if any(run.results.get("moe") for group in groups for run in group.finished):
         made.append(("MoE expert load", plots.plot_expert_load, "expert_load",
                      "Share of each MoE layer's routed test slots per expert, mean over seeds (label: tokens routed, "
                      "load imbalance max/mean, router entropy of its maximum); later blocks route only the tokens "
                      "reaching them."))  # fmt: skip
-    return [(head, html.figure(draw(groups, labels, folder / f"{name}.png"), head, caption))
-            for head, draw, name, caption in made]  # fmt: skip
+    sections = [(head, html.figure(draw(groups, labels, folder / f"{name}.png"), head, caption))
+                for head, draw, name, caption in made]  # fmt: skip
+    if not compared:
+        (folder / "ppl_vs_train_flops.png").unlink(missing_ok=True)  # left by an earlier report of more configs
+        sections.insert(1, ("Training compute", _compute_note(groups)))
+    return sections
+
+
+def _compute_note(groups) -> str:
+    """With one config there is nothing to plot training compute against (a lone dot): its numbers instead."""
+    (flops, sd, n), (ppl, ppl_sd, _) = groups[0].stat("train_flops"), groups[0].stat("test_ppl")
+    if not n:
+        return "<p>No run recorded its training FLOPs.</p>"
+    vs_dense = mean_sd(*groups[0].stat("train_flops_vs_dense")[:2])
+    return (
+        f"<p>One config, so no plot of test PPL against training compute: training took "
+        f"{mean_sd(flops / 1e12, None if sd is None else sd / 1e12)} TFLOP (steps and hard-token collection; "
+        f"{vs_dense} × a dense pass over Block 0's tokens) for test PPL {mean_sd(ppl, ppl_sd)}. A report over "
+        "several configs plots them against each other here.</p>"
+    )

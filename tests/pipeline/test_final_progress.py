@@ -1,9 +1,12 @@
 """The final evaluation (test, validation, threshold scan, speed-up timing) is never a silent minute: it says
-what it is doing, and with progress bars on it shows one."""
+what it is doing, and with progress bars on it shows one that moves through the timing pass by pass; the
+timing's line says how noisy the machine was."""
 
+import json
 import subprocess
 import sys
 
+from lego.pipeline.evaluation import timing_passes
 from tests.launch import REPO, offline_env
 
 
@@ -17,4 +20,15 @@ def test_final_evaluation_shows_progress(tmp_path, cache_dir):
     assert "final evaluation: test and validation through the exits, a threshold scan of 2 exit shares" in proc.stdout
     assert proc.stdout.index("final evaluation:") < proc.stdout.index("with early exit;")  # before the wait
     bar = [line for line in proc.stderr.replace("\r", "\n").splitlines() if "speed-up timing" in line]
-    assert bar and "5/5" in bar[-1]  # test, validation, two scan shares, the timing
+    total = 2 + 2 + timing_passes()  # test, validation, two scan shares, then one per timed pass
+    assert bar and f"{total}/{total}" in bar[-1]
+    # the timing's verdict: its noise floor from equal-work pairs, the machine's load, and the line saying so
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert len(results["inference_speedup_null_rounds"]) == len(results["inference_speedup_rounds"]) - 1
+    assert results["inference_speedup_noise"] >= 0
+    assert set(results["inference_speedup_load"]) == {"start", "end", "cpus"}
+    caveat = results["inference_speedup_caveat"]
+    assert caveat in (None, "machine busy", "noisy timings")
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("measured speed-up over full depth"))
+    assert "noise floor ±" in line and f"on {results['inference_speedup_load']['cpus']} CPUs" in line
+    assert ("not meaningful" in line) == (caveat is not None)
