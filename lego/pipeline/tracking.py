@@ -9,12 +9,22 @@ staging copy of the table artifact, so the run folder alone is enough to upload 
 One run directory is one W&B run: its id is kept in `<run_dir>/wandb/run_id`, and a resumed run continues it
 (`resume="allow"`). Offline, wandb still starts a new `offline-run-*` folder per process, all with that id;
 `wandb sync` (0.31, as installed) uploads the folders of one run one after another, oldest first, as that one
-run. So that the merged history holds every row once, a resumed Tracker reads what the earlier folders logged,
-numbers its rows after theirs and skips the rows they already hold (the steps between an interrupted stage's
-last checkpoint and the kill, which the resumed stage trains again).
+run. So that the merged history holds every step at most once, the run directory records what it logged: every
+history row is noted in `<run_dir>/wandb/logged-<id>.jsonl` (its W&B step, its stage step, its keys) before it
+goes to wandb, and a resumed Tracker logs only what that record does not hold (the steps between an interrupted
+stage's last checkpoint and the kill, which the resumed stage trains again, were logged already) and numbers its
+rows after the record's.
+
+What a kill costs. wandb's service writes the rows it is given to the transaction log every 15 s or so (wandb
+0.31) and when the run finishes. A process killed by a signal it does not handle (SIGKILL, the OOM killer,
+SIGTERM) stops the service too, and the rows of its last seconds never reach the folder. Which ones, only wandb's
+private log format tells, so the Tracker does not ask: it records each row before handing it to wandb, and a
+resume logs nothing the record holds. So no step is ever logged twice and no two rows share a W&B step, but the
+steps of those last seconds stay missing, also where the resumed stage trains them again. A run that ends any
+other way (done, an error, Ctrl-C) loses nothing.
 
 Users with an account use `wandb.mode=online`; `wandb.mode=disabled` turns logging off entirely (no wandb folder).
-`read_offline_run` reads a run back from its transaction log without any W&B service, for tests and for scripts.
+Only wandb's public API is used here; tests/wandb_offline.py reads the transaction logs back, for tests.
 
 `import wandb` is deferred to `Tracker.__init__`: it takes about a second and a disabled run never needs it.
 """
@@ -26,24 +36,17 @@ import os
 import re
 import secrets
 import string
-import struct
-import time
-import warnings
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from lego.atomic import atomic_write
 from lego.errors import ConfigError, DataError
 
 MODES = ("offline", "online", "disabled")
-FINISH_WAIT_SECONDS = 30.0
-# A private wandb setting (15 s by default in 0.31); a wandb without it keeps its own flushing.
-FLUSH_SETTING, FLUSH_SECONDS = "x_transaction_log_flush_interval", 1.0
 RUN_ID_FILE = "run_id"  # under <run_dir>/wandb/: the W&B run id of the run directory
-_STAGE_STEP = re.compile(r"stage_\d+/step")  # a stage's step axis (Tracker.log_step)
+LOGGED_FILE = "logged-{run_id}.jsonl"  # under <run_dir>/wandb/: one line per history row logged to that run
 
 # Top-level results lists that hold one value per block, and the per-block summary field each becomes.
 PER_BLOCK_LISTS = {"exit_counts": "exit_count", "exit_rates": "exit_rate"}
@@ -78,8 +81,9 @@ class Tracker:
         self._run: Any = None
         self._offline_dir: Path | None = None
         self._stage_steps: dict[int, int] = {}
-        self._logged: set[tuple[str, Any]] = set()  # (key, stage step or None) the run's earlier folders hold
+        self._logged: dict[str, int | None] = {}  # key -> the last stage step it was logged at (None: no stage)
         self._next_step = 0  # the W&B step of the next history row
+        self._record: IO[str] | None = None  # wandb/logged-<id>.jsonl, appended to
         if mode == "disabled":
             return
 
@@ -88,18 +92,12 @@ class Tracker:
         run_dir = Path(run_dir).resolve()
         run_dir.mkdir(parents=True, exist_ok=True)  # wandb looks for the git root here before creating it
         run_id = _run_id(run_dir / "wandb")
-        if _run_logs(run_dir / "wandb", run_id):
-            earlier = read_offline_run(run_dir / "wandb", run_id)
-            self._logged = {(key, _position(row)) for row in earlier["history"] for key in row}
-            self._next_step = 1 + max((row.get("_step", -1) for row in earlier["history"]), default=-1)
-        # A killed process loses what wandb has not flushed to the transaction log yet: flush every second, so
-        # that a resumed run finds, and need not log again, all but the last second of it.
-        flush = FLUSH_SETTING in getattr(wandb.Settings, "model_fields", {})
+        record = run_dir / "wandb" / LOGGED_FILE.format(run_id=run_id)
+        self._logged, self._next_step = _read_record(record)
         settings = wandb.Settings(
             silent=True,  # no banner or sync hints; failures surface as our one-line errors
             console="off",  # leave stdout to tqdm and Hydra's own log file
             reinit="create_new",  # never hand back (or finish) a run some other code left open
-            **({FLUSH_SETTING: FLUSH_SECONDS} if flush else {}),
         )
         try:
             self._run = wandb.init(
@@ -125,6 +123,7 @@ class Tracker:
             ) from error
         self._offline_dir = Path(self._run.dir).parent  # run.dir is the run folder's files/ subfolder
         self._next_step = max(self._next_step, self._run.step)  # online, a resumed run starts after the server's
+        self._record = record.open("a", encoding="utf-8")
 
     def __enter__(self) -> Tracker:
         return self
@@ -213,38 +212,43 @@ class Tracker:
                 self._log(media, None)
 
     def _log(self, row: dict, axis: str | None) -> None:
-        """Log `row` as the run's next history row, minus what the run's earlier folders already hold at the same
-        place: a stage's step (`axis` names the stage's step key, whose value in `row` is the step) or, for rows
-        without an axis (the final media), anywhere outside the stages."""
-        position = (axis, row[axis]) if axis else None
-        new = {key: value for key, value in row.items() if key != axis and (key, position) not in self._logged}
+        """Log `row` as the run's next history row, minus what the run directory's record says was logged already:
+        a key of a stage at or before this step (`axis` names the stage's step key, whose value in `row` is the
+        step), or, for rows without an axis (the final media), a key logged at all.
+
+        The row is recorded before wandb gets it, so a process killed in between leaves the row missing, never
+        logged twice (see the module docstring)."""
+        step = row[axis] if axis else None
+        new = {key: value for key, value in row.items() if key != axis and not self._was_logged(key, step)}
         if not new:
             return
+        entry = {"step": self._next_step, "at": step, "keys": sorted(new)}
+        self._record.write(json.dumps(entry) + "\n")
+        self._record.flush()  # in the OS's hands: a killed process keeps it
+        self._logged.update(dict.fromkeys(new, step))
         if axis:
-            new[axis] = row[axis]
+            new[axis] = step
         self._run.log(new, step=self._next_step, commit=True)  # commit: a row is written now, not with the next
         self._next_step += 1
+
+    def _was_logged(self, key: str, step: int | None) -> bool:
+        if key not in self._logged:
+            return False
+        last = self._logged[key]
+        return step is None or (last is not None and step <= last)
 
     def finish(self, exit_code: int = 0) -> None:
         """Close the run (idempotent); exit code 1 marks it failed in W&B.
 
-        In offline mode `run.finish` returns before wandb's service has written the transaction log (it is
-        buffered until the run's stream closes), so this waits until the log holds the run's exit record: a
-        caller that reads or syncs the run folder next, or a test, then sees everything that was logged.
+        Offline, `run.finish` may return before wandb's service has written the last of the transaction log; the
+        log is complete once the process exits (wandb's exit hook waits for its service), before any `wandb sync`
+        of it. The next job of a multirun logs to a run of its own meanwhile.
         """
         run, self._run = self._run, None
         if run is None:
             return
+        self._record.close()
         run.finish(exit_code=exit_code)
-        if self.mode != "offline":
-            return  # online, wandb has uploaded everything by now; nobody reads the local log right away
-        log = self._offline_dir / f"run-{run.id}.wandb"
-        deadline = time.monotonic() + FINISH_WAIT_SECONDS
-        while not any(record.WhichOneof("record_type") == "exit" for record in _records(log)):
-            if time.monotonic() > deadline:
-                warnings.warn(f"W&B has not finished writing {log} after {FINISH_WAIT_SECONDS}s", stacklevel=2)
-                return
-            time.sleep(0.05)
 
     @contextmanager
     def _artifact_staging(self) -> Iterator[None]:
@@ -276,62 +280,6 @@ def _is_scalar(value: Any) -> bool:
     return value is None or isinstance(value, (int, float, str, bool))
 
 
-# --- Reading an offline run back -------------------------------------------------------------------------------------
-
-# The .wandb transaction log uses LevelDB's log format: a 7-byte file header, then 32 KiB blocks of chunks, each
-# with a header of (CRC32 of type byte + data, data length, chunk type); a record longer than a block's remainder
-# is split into FIRST, MIDDLE..., LAST chunks, and a block tail shorter than a chunk header is zero padding.
-_FILE_HEADER = struct.Struct("<4sHB")
-_FILE_IDENT, _FILE_MAGIC, _FILE_VERSION = b":W&B", 0xBEE1, 0
-_CHUNK_HEADER = struct.Struct("<IHB")
-_BLOCK = 32768
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
-
-
-def read_offline_run(run_dir: str | Path, run_id: str | None = None) -> dict:
-    """Read what a run logged from its `.wandb` transaction logs, without a W&B service or network.
-
-    `run_dir` may be a LEGO run directory or its `wandb/` folder (the folders of run `run_id` are read, by default
-    those of the run written last, oldest folder first, merged as `wandb sync` uploads them), or one `offline-run-*`
-    folder (that folder alone). Returns `{"config", "summary", "history", "tables", "images", "group", "name",
-    "project", "tags", "job_type", "exit_code", "folders"}`: values decoded from their JSON, summary and history
-    keys as logged (`block_0/exit_rate`), `tables`/`images` the keys under which tables/images were logged,
-    `exit_code` None if the last folder's process never finished, `folders` how many folders were read.
-    """
-    logs = _run_logs(Path(run_dir), run_id)
-    if not logs:
-        raise DataError(f"no W&B run under {run_dir} (was it run with wandb.mode=disabled?)")
-    run: dict[str, Any] = {"config": {}, "summary": {}, "history": [], "tags": [], "folders": len(logs)}
-    run.update(dict.fromkeys(("group", "name", "project", "job_type", "exit_code")))
-    for record in (record for log in logs for record in _records(log)):
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            _apply(run["config"], record.run.config.update, record.run.config.remove)
-            run.update(
-                group=record.run.run_group or None,
-                name=record.run.display_name or None,
-                project=record.run.project or None,
-                tags=list(record.run.tags),
-                job_type=record.run.job_type or None,
-                exit_code=None,  # a new process: its own exit record, if it got to write one
-            )
-        elif kind == "config":
-            _apply(run["config"], record.config.update, record.config.remove)
-        elif kind == "summary":
-            _apply(run["summary"], record.summary.update, record.summary.remove)
-        elif kind == "history":
-            row: dict = {}
-            _apply(row, record.history.item, [])
-            run["history"].append(row)
-        elif kind == "exit":
-            run["exit_code"] = record.exit.exit_code
-    run["config"].pop("_wandb", None)  # wandb's own bookkeeping, not the run's config
-    logged = [run["summary"], *run["history"]]
-    run["tables"] = sorted({key for row in logged for key, value in row.items() if "table" in _media_type(value)})
-    run["images"] = sorted({key for row in logged for key, value in row.items() if _media_type(value) == "image-file"})
-    return run
-
-
 def _run_id(wandb_dir: Path) -> str:
     """The W&B run id of a run directory: read from `wandb/run_id`, or made (8 characters in [a-z0-9], as wandb's
     own) and written there atomically."""
@@ -346,98 +294,16 @@ def _run_id(wandb_dir: Path) -> str:
     return run_id
 
 
-def _run_logs(path: Path, run_id: str | None = None) -> list[Path]:
-    """The `.wandb` logs of one run under `path`, oldest folder first: run `run_id`'s, by default that of the log
-    written last (`path` may also be one run folder)."""
-    logs = [*path.glob("*.wandb"), *path.glob("*run-*/*.wandb"), *path.glob("wandb/*run-*/*.wandb")]
-    if run_id is None and logs:
-        run_id = _log_run_id(max(logs, key=lambda log: log.stat().st_mtime_ns))
-    # folders are named [offline-]run-<YYYYmmdd_HHMMSS>-<id>[-<n>]: the part after "run-" sorts by start time
-    return sorted((log for log in logs if _log_run_id(log) == run_id), key=lambda log: log.parent.name.split("run-")[1])
-
-
-def _log_run_id(log: Path) -> str:
-    return log.stem.removeprefix("run-")
-
-
-def _position(row: dict) -> tuple[str, Any] | None:
-    """Where a history row sits: its stage's step key and step (`("stage_1/step", 40)`), None outside the stages."""
-    axis = next((key for key in row if _STAGE_STEP.fullmatch(key)), None)
-    return (axis, row[axis]) if axis else None
-
-
-def _records(path: Path) -> Iterator[Any]:
-    """The `wandb_internal_pb2.Record`s of a transaction log (none while wandb has not written its header yet)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    for data in _log_records(path.read_bytes() if path.is_file() else b"", path):
-        record = pb.Record()
-        record.ParseFromString(data)
-        yield record
-
-
-def _log_records(data: bytes, path: Path) -> Iterator[bytes]:
-    """The records of a LevelDB-format log; stops at a corrupt or torn chunk (a run killed mid-write)."""
-    if len(data) < _FILE_HEADER.size:
-        return
-    ident, magic, version = _FILE_HEADER.unpack_from(data)
-    if (ident, magic) != (_FILE_IDENT, _FILE_MAGIC) or version != _FILE_VERSION:
-        raise DataError(f"{path} is not a W&B transaction log this version of LEGO can read")
-    position, pending = _FILE_HEADER.size, b""
-    while position + _CHUNK_HEADER.size <= len(data):
-        if _BLOCK - position % _BLOCK < _CHUNK_HEADER.size:
-            position += _BLOCK - position % _BLOCK
+def _read_record(path: Path) -> tuple[dict[str, int | None], int]:
+    """What the run directory's record says was logged: each key's last stage step (None: outside the stages),
+    and the W&B step of the next history row. A line torn by a crash of the machine is skipped."""
+    logged: dict[str, int | None] = {}
+    next_step = 0
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
             continue
-        checksum, length, chunk_type = _CHUNK_HEADER.unpack_from(data, position)
-        start = position + _CHUNK_HEADER.size
-        chunk = data[start : start + length]
-        position = start + length
-        if chunk_type == 0 and length == 0:  # zero padding at the end of a block
-            continue
-        if len(chunk) < length or zlib.crc32(chunk, zlib.crc32(bytes([chunk_type]))) != checksum:
-            return
-        if chunk_type == _FULL:
-            yield chunk
-        elif chunk_type == _FIRST:
-            pending = chunk
-        elif chunk_type == _MIDDLE:
-            pending += chunk
-        elif chunk_type == _LAST:
-            yield pending + chunk
-            pending = b""
-
-
-def _apply(target: dict, updates, removes) -> None:
-    """Apply config/summary/history items, whose key is `key` or a `nested_key` path, to a nested dict."""
-    for item in updates:
-        *parents, leaf = _item_path(item)
-        node = target
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = _item_value(item)
-    for item in removes:
-        *parents, leaf = _item_path(item)
-        node = target
-        for part in parents:
-            node = node.get(part, {})
-        node.pop(leaf, None)
-
-
-def _item_path(item) -> list[str]:
-    return [item.key] if item.key else list(item.nested_key)
-
-
-def _item_value(item) -> Any:
-    """An item's value: JSON in `value_json`, or (history items of newer wandb versions) a typed field."""
-    typed = item.WhichOneof("value") if "value" in item.DESCRIPTOR.oneofs_by_name else None
-    if typed == "none":
-        return None
-    if typed == "json":
-        return json.loads(item.json)
-    if typed is not None:
-        return getattr(item, typed)
-    return json.loads(item.value_json)
-
-
-def _media_type(value: Any) -> str:
-    return value.get("_type", "") if isinstance(value, dict) else ""
+        logged.update(dict.fromkeys(entry["keys"], entry["at"]))
+        next_step = max(next_step, entry["step"] + 1)
+    return logged, next_step

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from lego.pipeline.tracking import read_offline_run
 from tests.launch import run_train
+from tests.wandb_offline import read_offline_run
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,8 +16,9 @@ import wandb
 from lego.errors import ConfigError, DataError
 from lego.pipeline import tracking
 from lego.pipeline.plots import plot_exit_rates
-from lego.pipeline.tracking import Tracker, read_offline_run
+from lego.pipeline.tracking import Tracker
 from tests.launch import REPO, run_train
+from tests.wandb_offline import log_run_id, read_offline_run, records
 
 CONFIG = {"experiment_name": "tiny", "model": {"dim": 32, "blocks": [2, 2]}, "hard_ratio": {"value": 0.5}}
 
@@ -115,7 +117,7 @@ def test_offline_run_folder_is_self_contained(offline_run):
     """`wandb sync` uploads the table from its staged copy, which must therefore live in the run folder too."""
     tracker, _, _ = offline_run
     log = next(tracker.offline_dir.glob("run-*.wandb"))
-    artifacts = [r.artifact for r in tracking._records(log) if r.WhichOneof("record_type") == "artifact"]
+    artifacts = [r.artifact for r in records(log) if r.WhichOneof("record_type") == "artifact"]
     staged = [entry.local_path for artifact in artifacts for entry in artifact.manifest.contents]
     assert staged and all(path.startswith(str(tracker.offline_dir)) for path in staged)
     assert "WANDB_DATA_DIR" not in os.environ  # restored after logging the table
@@ -136,9 +138,11 @@ def test_exception_finishes_the_run_and_the_next_job_gets_its_own(tmp_path):
 
 
 # A job killed in stage 1: stage 0 finished, stage 1 logged steps 1-4 and a validation at step 2 (its checkpoint).
+# With "written", it waits until wandb has written all 8 rows to its folder before the kill.
 KILLED_JOB = """
 import os, signal, sys, time
-from lego.pipeline.tracking import Tracker, read_offline_run
+from lego.pipeline.tracking import Tracker
+from tests.wandb_offline import read_offline_run
 tracker = Tracker(run_dir=sys.argv[1], config={"job": 0})
 for step in (1, 2, 3):
     tracker.log_step(0, {"step": step, "lm_loss": 5.0 - step})
@@ -148,10 +152,39 @@ for step in (1, 2, 3, 4):
     if step == 2:
         tracker.log_step(1, {"step": step, "val_ppl": 30.5})
 deadline = time.monotonic() + 60
-while len(read_offline_run(sys.argv[1])["history"]) < 8 and time.monotonic() < deadline:
-    time.sleep(0.1)  # until wandb has flushed the rows (every second): a kill keeps what is on disk
+while sys.argv[2] == "written" and time.monotonic() < deadline:
+    if len(read_offline_run(sys.argv[1], finished=False)["history"]) == 8:
+        break
+    time.sleep(0.05)
 os.kill(os.getpid(), signal.SIGKILL)
 """
+KILLED_ROWS = 8
+
+
+def _kill_a_job(run_dir, wait: str) -> None:
+    """Run KILLED_JOB in a process of its own, with its own wandb service (as a separate `python train.py`
+    has, not the one this process's runs left in the env). To wait until wandb has written the rows, it makes
+    wandb write every 0.05 s instead of 15 s (a private wandb setting, for this test only)."""
+    env = {key: value for key, value in os.environ.items() if key != "WANDB_SERVICE"}
+    env["WANDB_SILENT"] = "true"
+    if wait == "written":
+        env["WANDB__TRANSACTION_LOG_FLUSH_INTERVAL"] = "0.05"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_JOB, str(run_dir), wait], cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+
+
+def _resume_stage_1(run_dir, results: dict, image) -> Tracker:
+    """The resumed job: stage 1 restarts from its checkpoint (step 2), trains steps 3-5, then the final results."""
+    with Tracker(run_dir=run_dir, config={"job": 0}) as resumed:
+        for step in (3, 4, 5):
+            resumed.log_step(1, {"step": step, "lm_loss": 4.0 - step})
+        resumed.log_step(1, {"step": 5, "val_ppl": 28.5})
+        resumed.log_stage_end(1, {"hard_count": 0})
+        resumed.log_final(results, {"exit_rates": image})
+    return resumed
 
 
 def _run_id(run_dir):
@@ -168,24 +201,14 @@ def _placed(history: list[dict]) -> list[tuple]:
 
 
 def test_a_resumed_run_continues_its_wandb_run_without_duplicates(tmp_path):
-    """Kill, resume, re-run: one W&B run id for the run directory, every value logged once, steps in order."""
-    # its own wandb service, as a separate `python train.py` has (not the one this process's runs left in the env)
-    env = {key: value for key, value in os.environ.items() if key != "WANDB_SERVICE"}
-    killed = subprocess.run(
-        [sys.executable, "-c", KILLED_JOB, str(tmp_path)], cwd=REPO, env={**env, "WANDB_SILENT": "true"},
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    first = read_offline_run(tmp_path)
-    assert first["exit_code"] is None and len(first["history"]) == 8  # the killed process never finished
+    """Kill (after wandb wrote the rows), resume, re-run: one W&B run id for the run directory, every value
+    logged exactly once, steps in order."""
+    _kill_a_job(tmp_path, "written")
+    first = read_offline_run(tmp_path, finished=False)
+    assert first["exit_code"] is None and len(first["history"]) == KILLED_ROWS  # the killed process never finished
     results = two_block_results()
     image = plot_exit_rates(results, tmp_path / "plots" / "exit_rates.png")
-    with Tracker(run_dir=tmp_path, config={"job": 0}) as resumed:  # stage 1 resumes from its checkpoint (step 2)
-        for step in (3, 4, 5):
-            resumed.log_step(1, {"step": step, "lm_loss": 4.0 - step})
-        resumed.log_step(1, {"step": 5, "val_ppl": 28.5})
-        resumed.log_stage_end(1, {"hard_count": 0})
-        resumed.log_final(results, {"exit_rates": image})
+    _resume_stage_1(tmp_path, results, image)
     with Tracker(run_dir=tmp_path, config={"job": 0}) as again:  # re-running the finished directory
         again.log_final(results, {"exit_rates": image})
 
@@ -219,13 +242,55 @@ def test_a_resumed_training_run_adds_only_what_is_new(tiny_run, cache_dir, tmp_p
     assert proc.stdout.count("complete in") == 1  # stage 0 loaded, stage 1 retrained
     after = read_offline_run(run_dir)
     assert after["folders"] == before["folders"] + 1 and after["exit_code"] == 0
-    assert {_log_id(log) for log in (run_dir / "wandb").glob("*run-*/*.wandb")} == {_run_id(run_dir)}
+    assert {log_run_id(log) for log in (run_dir / "wandb").glob("*run-*/*.wandb")} == {_run_id(run_dir)}
     assert Counter(_placed(after["history"])) == Counter(_placed(before["history"]))  # nothing new, nothing twice
     assert after["summary"]["test_ppl"] == json.loads((run_dir / "results.json").read_text())["test_ppl"]
 
 
-def _log_id(log):
-    return log.stem.removeprefix("run-")
+def test_a_kill_before_wandb_wrote_the_rows_loses_them_and_logs_nothing_twice(tmp_path):
+    """Killed right after logging, the folder holds few of the rows or none (wandb 0.31 writes every 15 s); the
+    resume logs only the steps after the record's (stage 1 step 5 and the final media), numbered after the killed
+    process's rows, so whatever the killed folder holds, nothing is in the history twice."""
+    _kill_a_job(tmp_path, "now")
+    results = two_block_results()
+    resumed = _resume_stage_1(tmp_path, results, plot_exit_rates(results, tmp_path / "plots" / "exit_rates.png"))
+    new = read_offline_run(resumed.offline_dir)["history"]
+    assert [row["_step"] for row in new] == list(range(KILLED_ROWS, KILLED_ROWS + len(new)))
+    assert sorted(key for _, step, key in _placed(new) if step == 5) == ["stage_1/lm_loss", "stage_1/val_ppl"]
+    assert {key for axis, _, key in _placed(new) if axis is None} == {"exit_stats", "plots/exit_rates"}
+    assert len(_placed(new)) == 4
+    placed = _placed(read_offline_run(tmp_path)["history"])
+    assert len(placed) == len(set(placed))
+
+
+def test_a_new_run_id_starts_a_new_record(tmp_path):
+    """Deleting wandb/run_id logs to a new W&B run (README): that run logs everything, whatever the old one holds."""
+    with Tracker(run_dir=tmp_path, config={}) as first:
+        first.log_step(0, {"step": 1, "lm_loss": 2.0})
+    (tmp_path / "wandb" / tracking.RUN_ID_FILE).unlink()
+    with Tracker(run_dir=tmp_path, config={}) as second:
+        second.log_step(0, {"step": 1, "lm_loss": 2.0})
+    assert read_offline_run(second.offline_dir)["history"][0]["stage_0/lm_loss"] == 2.0
+    assert log_run_id(next(first.offline_dir.glob("*.wandb"))) != _run_id(tmp_path)
+
+
+def test_lego_uses_no_private_wandb_api():
+    """wandb's private modules, attributes and settings (`x_*`), and the transaction-log format they hold, may
+    change with any wandb release, so lego/ uses none of them (tests/wandb_offline.py reads the logs, for tests)."""
+    private_settings = sorted(name for name in wandb.Settings.model_fields if name.startswith("x_"))
+    assert "x_transaction_log_flush_interval" in private_settings  # the list is read from wandb itself
+    private = re.compile(
+        r"wandb\.(proto|sdk|apis\.internal)|wandb_internal_pb2|WANDB__"  # modules, private env settings
+        r"|\bwandb\._\w|\brun\._\w"  # private attributes of wandb and of its run
+        rf"|\b({'|'.join(private_settings)})\b"
+    )
+    found = [
+        f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+        for path in sorted((REPO / "lego").rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if private.search(line)
+    ]
+    assert not found, "\n".join(found)
 
 
 def test_a_run_id_file_that_is_not_an_id_is_refused(tmp_path):

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from lego import TrainingData
-from lego.pipeline.tracking import read_offline_run
 from tests.launch import REPO, run_train
+from tests.wandb_offline import read_offline_run
 
 RESULT_KEYS = {
     "test_ppl", "test_acc", "val_ppl", "val_acc", "exit_counts", "exit_rates", "shallow_ratio",

@@ -11,8 +11,8 @@ import sys
 import pytest
 from PIL import Image
 
-from lego.pipeline.tracking import read_offline_run
 from tests.launch import REPO
+from tests.wandb_offline import read_offline_run
 
 
 def read_csv(path):
