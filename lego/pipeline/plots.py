@@ -1,4 +1,6 @@
-"""PNG plots of one run's results: where tokens exit, how confident they are, PPL vs compute, training curves.
+"""PNG plots of one run's results: where tokens exit, how confident they are, PPL vs compute, training curves,
+MoE expert load (its heatmap, the smoothing and the atomic writing are `lego.common.plotting`'s, shared with the
+report).
 
 Figures are built with `matplotlib.figure.Figure` rather than pyplot: no global figure registry to leak into or
 close, no GUI backend (PNG output goes through Agg), and safe to call from any job of a multirun. Each file is
@@ -10,18 +12,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
-from lego.atomic import atomic_write
-
-DPI = 120
-X_LABELS = {
-    "honest_cost": "honest cost (forward FLOPs / dense model's, incl. K/V of kept tokens and head)",
-    "compute_cost": "compute cost (layers used / total layers)",
-    "shallow_ratio": "shallow ratio (share of tokens exiting before the last block)",
-}
+from lego.common.plotting import X_LABELS, moving_average, plot_expert_load, save_png, step_losses
 
 
 def plot_exit_rates(results: dict, path: Path) -> Path:
@@ -41,7 +35,7 @@ def plot_exit_rates(results: dict, path: Path) -> Path:
     ax.set_ylim(0, min(1.0, max(rates, default=0) * 1.25 + 0.1))
     ax.set_ylabel("share of test tokens exiting here")
     ax.set_title(f"Where tokens exit{_run_note(results)}")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_confidence_histograms(results: dict, path: Path) -> Path:
@@ -67,7 +61,7 @@ def plot_confidence_histograms(results: dict, path: Path) -> Path:
         if k == 0:
             ax.set_ylabel("tokens reaching the block")
     fig.suptitle(f"Exit confidence per block on the test set{_run_note(results)}")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_ppl_vs_compute(
@@ -109,7 +103,7 @@ def plot_ppl_vs_compute(
     ax.set_title("Test perplexity vs compute" + (" (labels: target exit share)" if labelled else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_training_curves(stage_evals: list[list[dict]], path: Path) -> Path:
@@ -127,10 +121,10 @@ def plot_training_curves(stage_evals: list[list[dict]], path: Path) -> Path:
     for ax, (k, rows) in zip(axes, stages, strict=False):
         color = f"C{k}"
         ppls = []
-        steps, losses = _step_losses(rows)
+        steps, losses = step_losses(rows)
         if losses:
             train = [math.exp(min(loss, 50.0)) for loss in losses]
-            smooth = [math.exp(min(loss, 50.0)) for loss in _moving_average(losses, max(1, len(losses) // 25))]
+            smooth = [math.exp(min(loss, 50.0)) for loss in moving_average(losses, max(1, len(losses) // 25))]
             ax.plot(steps, train, color=color, alpha=0.25, linewidth=0.8, label="train, every step")
             ax.plot(steps, smooth, color=color, linewidth=2.0, label="train, smoothed")
             ppls += train
@@ -153,27 +147,7 @@ def plot_training_curves(stage_evals: list[list[dict]], path: Path) -> Path:
         ax.legend(fontsize=8)
     axes[0].set_ylabel("perplexity (stage's own tokens)")
     fig.suptitle("Training curves per stage")
-    return _save(fig, path)
-
-
-def _step_losses(rows: list[dict]) -> tuple[list[int], list[float]]:
-    """(step, LM loss) of every training step recorded in the eval rows (`step_losses`, the steps since the
-    previous evaluation); empty when the rows predate per-step recording."""
-    steps, losses = [], []
-    for row in rows:
-        recorded = row.get("step_losses") or []
-        steps += range(row["step"] - len(recorded) + 1, row["step"] + 1)
-        losses += recorded
-    return steps, losses
-
-
-def _moving_average(values: list[float], half_window: int) -> list[float]:
-    """Mean over a window of 2 * half_window + 1 values centred on each one (shorter at the ends): smooths the
-    step-to-step noise without shifting the curve to later steps as a trailing average would."""
-    array = np.asarray(values, dtype=float)
-    half_window = min(half_window, (len(array) - 1) // 2)  # a longer window would lengthen `same` output
-    kernel = np.ones(2 * max(half_window, 0) + 1)
-    return list(np.convolve(array, kernel, mode="same") / np.convolve(np.ones_like(array), kernel, mode="same"))
+    return save_png(fig, path)
 
 
 def make_run_plots(results: dict, out_dir: Path) -> dict[str, Path]:
@@ -200,36 +174,6 @@ def make_run_plots(results: dict, out_dir: Path) -> dict[str, Path]:
     if results.get("moe"):
         written["expert_load"] = plot_expert_load(results["moe"], out_dir / "expert_load.png")
     return written
-
-
-def plot_expert_load(layers: list[dict], path: Path, title: str = "MoE expert load on the test set") -> Path:
-    """A heatmap of the share of each MoE layer's routed slots each expert computed (rows: layers, as
-    `lego.moe.RoutingTally` names them; 1/experts everywhere is perfect balance), each row labelled with its
-    imbalance (max/mean), router entropy and the tokens it routed: a later block's layers see only the tokens
-    that reached it."""
-    experts = max(len(row["load"]) for row in layers)
-    grid = np.full((len(layers), experts), np.nan)
-    for i, row in enumerate(layers):
-        grid[i, : len(row["load"])] = row["load"]
-    fig = Figure(figsize=(min(11.0, 5.5 + 0.5 * experts), 1.9 + 0.5 * len(layers)), layout="constrained")
-    ax = fig.subplots()
-    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(float(np.nanmax(grid)), 1e-9))
-    ax.set_xticks(range(experts), [str(e) for e in range(experts)])
-    labels = [
-        f"{row['layer']}: {row['tokens']:,} tokens\nmax/mean {row['imbalance']:.2f}, entropy {row['entropy']:.2f}"
-        f"/{row['max_entropy']:.2f}" + (f"\n{row['dropped']:.1%} dropped" if row.get("dropped") else "")
-        for row in layers
-    ]
-    ax.set_yticks(range(len(layers)), labels, fontsize=8)
-    ax.set_xlabel("expert")
-    ax.set_title(f"{title}\nshare of each layer's routed slots (balanced: {1 / experts:.3f} each)", fontsize=10)
-    fig.colorbar(image, ax=ax, label="share of slots")
-    return _save(fig, path)
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
-    return Path(path)
 
 
 def _block_label(k: int, block: dict) -> str:

@@ -17,10 +17,8 @@ from typing import Any
 
 import yaml
 
-# Overrides that never change what a run computes (progress bars, threads, logging): not part of a config's
-# identity when runs are grouped over seeds. A key matches an entry equal to it or nested under it.
-NOT_CONFIG_KEYS = ("seed", "wandb", "debug", "trainer.progress", "trainer.num_threads", "trainer.device",
-                   "cache_dir", "trainer.memory_budget_mb", "trainer.fsdp", "hydra")  # fmt: skip
+from lego.common.runmeta import is_result_neutral, parse_overrides
+
 # results.json scalars shown per run, in this order (per-block exit rates follow)
 METRICS = ("test_ppl", "val_ppl", "test_ppl_full_depth", "test_acc", "shallow_ratio", "honest_cost",
            "compute_cost", "inference_speedup", "train_flops", "train_flops_vs_dense", "wall_seconds")  # fmt: skip
@@ -34,7 +32,7 @@ class Run:
     name: str  # path relative to the report's root
     overrides: dict[str, str]  # key -> value as typed on the command line ('+experiment' shown as 'experiment')
     seed: int | None
-    status: str  # finished | failed: <reason> | incomplete: <what is done>
+    status: str  # finished | failed: <reason> | diverged: <where> | incomplete: <what is done>
     results: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -56,12 +54,9 @@ class Run:
         return values
 
     def config_key(self) -> tuple[tuple[str, str], ...]:
-        """What identifies this run's config: every override but the seed and the ones that change nothing."""
-        return tuple((key, value) for key, value in self.overrides.items() if not is_noise_key(key))
-
-
-def is_noise_key(key: str) -> bool:
-    return any(key == noise or key.startswith(f"{noise}.") for noise in NOT_CONFIG_KEYS)
+        """What identifies this run's config: every override but the seed and the result-neutral ones
+        (`lego.common.runmeta`)."""
+        return tuple((k, v) for k, v in self.overrides.items() if not (k == "seed" or is_result_neutral(k)))
 
 
 def find_runs(paths: list[Path]) -> list[Run]:
@@ -107,28 +102,15 @@ def read_overrides(path: Path) -> dict[str, str]:
     return parse_overrides(_read_yaml(path / ".hydra" / "overrides.yaml") or [])
 
 
-def parse_overrides(items: list[str]) -> dict[str, str]:
-    """Command-line overrides as {key: value as typed}; '+key' / '++key' are shown as 'key', '~key' kept."""
-    overrides = {}
-    for item in items:
-        key, _, value = str(item).partition("=")
-        overrides[key.lstrip("+")] = value
-    return overrides
-
-
-def run_label(experiment: str, overrides: dict[str, str]) -> str:
-    """'small hard_ratio.value=0.3 seed=1': the experiment and the overrides that change what is computed."""
-    shown = [f"{k}={v}" for k, v in overrides.items() if k == "seed" or not (is_noise_key(k) or k == "experiment")]
-    return " ".join([experiment, *shown])
-
-
 def _unfinished_status(path: Path) -> str:
-    """'failed: <its last error line>' when a log of the run says so, else how far it got."""
+    """'failed: <its last error line>' ('diverged: ...' when training diverged) when a log of the run says so,
+    else how far it got."""
     for log in sorted(path.glob("*.log")):
         lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("error:") or re.match(r"^\w*(Error|Exception)\b", line)]
         if errors:
-            return f"failed: {errors[-1][:200]}"
+            kind = "diverged" if " diverged" in errors[-1] else "failed"
+            return f"{kind}: {errors[-1][:200]}"
     done = sorted(p.parent.name for p in path.glob("stage_*/stats.json"))
     return f"incomplete: {len(done)} stage(s) done" if done else "incomplete: no stage done"
 

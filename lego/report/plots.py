@@ -17,8 +17,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from lego.atomic import atomic_write
-from lego.pipeline.plots import X_LABELS, _moving_average, _step_losses
-from lego.pipeline.plots import plot_expert_load as plot_layer_loads
+from lego.common.plotting import X_LABELS, moving_average, step_losses
+from lego.common.plotting import plot_expert_load as plot_layer_loads
 from lego.report.tables import ConfigGroup
 
 DPI = 110
@@ -163,10 +163,10 @@ def _stage_curves(groups: list[ConfigGroup], k: int) -> dict[tuple, tuple[list[d
 
 def _draw_curve(ax, rows: list[dict], colour: str) -> list[float]:
     """One run's smoothed training PPL and validation dots; returns the PPLs drawn (for the log-scale choice)."""
-    steps, losses = _step_losses(rows)
+    steps, losses = step_losses(rows)
     drawn = []
     if losses:
-        drawn = [math.exp(min(v, 50.0)) for v in _moving_average(losses, max(1, len(losses) // 25))]
+        drawn = [math.exp(min(v, 50.0)) for v in moving_average(losses, max(1, len(losses) // 25))]
         ax.plot(steps, drawn, color=colour, alpha=0.7, linewidth=1.2)
     val = [_nan(row.get("val_ppl")) for row in rows]
     ax.plot([row["step"] for row in rows], val, color=colour, marker="o", markersize=4, linestyle="")

@@ -9,13 +9,14 @@ import pytest
 from hydra import compose, initialize_config_dir
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+import lego.common.plotting
 import lego.pipeline.plots
+from lego.common.plotting import plot_expert_load
 from lego.pipeline.config import register_configs, to_run_config
 from lego.pipeline.plots import (
     make_run_plots,
     plot_confidence_histograms,
     plot_exit_rates,
-    plot_expert_load,
     plot_ppl_vs_compute,
     plot_training_curves,
 )
@@ -125,14 +126,15 @@ def test_make_run_plots_skips_what_is_missing(tmp_path):
 
 @pytest.fixture
 def figures(monkeypatch) -> dict:
-    """Every figure the plots module saves, by file name."""
-    captured, save = {}, lego.pipeline.plots._save
+    """Every figure a run's plots save (`lego.common.plotting` draws the expert load), by file name."""
+    captured, save = {}, lego.common.plotting.save_png
 
     def capture(fig, path: Path) -> Path:
         captured[path.name] = fig
         return save(fig, path)
 
-    monkeypatch.setattr(lego.pipeline.plots, "_save", capture)
+    for module in (lego.pipeline.plots, lego.common.plotting):
+        monkeypatch.setattr(module, "save_png", capture)
     return captured
 
 

@@ -2,8 +2,10 @@
 
 import re
 
-from lego.pipeline.config import JOB_DIRNAME_CHARS, job_dirname
-from tests.launch import run_train
+from hydra import compose, initialize_config_dir
+
+from lego.pipeline.config import JOB_DIRNAME_CHARS, job_dirname, register_configs
+from tests.launch import REPO, run_train
 
 
 def test_job_dirnames_are_one_safe_level():
@@ -34,3 +36,15 @@ def test_a_sweep_over_a_file_path_keeps_the_job_in_one_folder(tmp_path, cache_di
     jobs = [path for path in sweep.iterdir() if (path / ".hydra").is_dir()]
     assert len(jobs) == 1 and (jobs[0] / "results.json").is_file()  # the job's folder is the sweep folder's child
     assert jobs[0].name.startswith("0_data.files=_tmp") and len(jobs[0].name) <= JOB_DIRNAME_CHARS + 2
+
+
+def test_job_folder_names_leave_out_the_experiment_and_the_result_neutral_keys():
+    """Hydra's `override_dirname` (the folder name's overrides) as `run_label` shows them: the seed and
+    `trainer.dump` stay, the experiment (the sweep folder's name) and the result-neutral keys go."""
+    register_configs()
+    overrides = ["+experiment=tiny", "hard_ratio.value=0.3", "seed=1", "wandb=disabled", "wandb.mode=offline",
+                 "trainer.device=cpu", "trainer.progress=false", "objective.metric=val_ppl_at_cost",
+                 "trainer.dump=none"]  # fmt: skip
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    assert cfg.hydra.job.override_dirname == "hard_ratio.value=0.3,seed=1,trainer.dump=none"
