@@ -284,13 +284,16 @@ def _run_id(wandb_dir: Path) -> str:
     """The W&B run id of a run directory: read from `wandb/run_id`, or made (8 characters in [a-z0-9], as wandb's
     own) and written there atomically."""
     path = wandb_dir / RUN_ID_FILE
-    if not path.is_file():
-        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-        atomic_write(path, lambda tmp: tmp.write_text(f"{run_id}\n"))
-        return run_id
-    run_id = path.read_text().strip()
-    if not re.fullmatch(r"[\w.-]+", run_id):
-        raise DataError(f"{path} holds {run_id!r}, not a W&B run id; delete the file to log to a new W&B run")
+    if path.is_file():
+        run_id = path.read_text().strip()
+        if not re.fullmatch(r"[\w.-]+", run_id):
+            raise DataError(f"{path} holds {run_id!r}, not a W&B run id; delete the file to log to a new W&B run")
+        if (wandb_dir / LOGGED_FILE.format(run_id=run_id)).is_file() or not any(wandb_dir.glob("offline-run-*")):
+            return run_id
+        # logged by a LEGO without the record: which rows it holds is unknown, so this resume gets its own run
+        print(f"W&B: {wandb_dir} has no record of the rows run {run_id} holds; logging this resume as a new W&B run")
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    atomic_write(path, lambda tmp: tmp.write_text(f"{run_id}\n"))
     return run_id
 
 

@@ -274,6 +274,19 @@ def test_a_new_run_id_starts_a_new_record(tmp_path):
     assert log_run_id(next(first.offline_dir.glob("*.wandb"))) != _run_id(tmp_path)
 
 
+def test_a_run_directory_logged_without_a_record_resumes_into_a_new_wandb_run(tmp_path, capsys):
+    """A run directory from before the record: which rows its W&B run holds is unknown, so a resume logging into
+    it could repeat steps; it gets a new run instead, and says so."""
+    with Tracker(run_dir=tmp_path, config={}) as first:
+        first.log_step(0, {"step": 1, "lm_loss": 2.0})
+    old_id = _run_id(tmp_path)
+    (tmp_path / "wandb" / tracking.LOGGED_FILE.format(run_id=old_id)).unlink()
+    with Tracker(run_dir=tmp_path, config={}) as second:
+        second.log_step(0, {"step": 1, "lm_loss": 2.0})
+    assert _run_id(tmp_path) != old_id and "logging this resume as a new W&B run" in capsys.readouterr().out
+    assert read_offline_run(second.offline_dir)["history"][0]["stage_0/lm_loss"] == 2.0
+
+
 def test_lego_uses_no_private_wandb_api():
     """wandb's private modules, attributes and settings (`x_*`), and the transaction-log format they hold, may
     change with any wandb release, so lego/ uses none of them (tests/wandb_offline.py reads the logs, for tests)."""
