@@ -21,3 +21,11 @@ def check_one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
     """A ConfigError naming `key` when `value` is not one of `allowed`."""
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is unknown; use one of: {', '.join(allowed)}")
+
+
+class DiskFullError(LEGOError, OSError):
+    """The disk is full: the message names the file that could not be written and the bytes it needs."""
+
+
+class TrainingDiverged(LEGOError, ArithmeticError):
+    """Training produced a non-finite loss, or one far above its start; the message says where and what to change."""

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from lego import distributed
 from lego.atomic import atomic_write
+from lego.errors import DataError, TrainingDiverged
 from lego.moe import RoutingTally, step_routing_metrics
 from lego.sharding import ShardedLayers, clip_grad_norm, full_tensors, is_sharded, shard_like, shard_optimizer_state
 from lego.training_data import HiddenStateWriter, TrainingData, load_within_budget
@@ -75,6 +76,7 @@ class FitConfig:
     hard_data_path: str | None = None  # write the hard tokens' TrainingData here, streamed (memory-mapped)
     hard_data_dtype: str = "float32"  # ... with hidden states in this precision: float32 | bfloat16 (half the bytes)
     memory_budget_mb: float | None = 0.0  # ... and read it back into memory if it fits, else map it (None: read)
+    divergence_factor: float | None = 3.0  # stop when a step's LM loss is over this times the first's (None: NaN/inf)
     bf16_autocast: bool = True  # training forward passes in bf16 autocast on CUDA; never used on the CPU
     fsdp: bool = False  # under torch.distributed: shard the block's layers while training (`lego.sharding`)
 
@@ -109,6 +111,25 @@ class FitStats:
 
 
 Callback = Callable[[dict], None]
+
+
+class DivergenceGuard:
+    """Stops training whose loss is not finite, or more than `factor` times its first step's (`factor` None: only
+    NaN and infinities): a diverged stage fails at once with its step, instead of training on to a model whose
+    huge or NaN PPL would read as a result. `start` is the first step's loss of a resumed stage."""
+
+    def __init__(self, factor: float | None, start: float | None = None) -> None:
+        self.factor, self.start = factor, start
+
+    def check(self, step: int, loss: float, what: str = "training loss") -> None:
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"the {what} is {loss} at step {step}")
+        if self.start is None:
+            self.start = loss
+        elif self.factor is not None and loss > self.factor * self.start:
+            raise TrainingDiverged(
+                f"the {what} {loss:.4g} at step {step} is more than {self.factor:g}x the first step's {self.start:.4g}"
+            )
 
 
 def perplexity(loss: float) -> float:
@@ -350,11 +371,11 @@ def fit_block(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config, total_steps))
     eval_every = max(1, steps_per_epoch // config.evals_per_epoch)
     stats = FitStats(active_tokens=int(distributed.global_sum(len(train))))
-    state = {"step": 0, "epoch": 0, "best_loss": float("inf"), "bad_evals": 0, "best": None}
+    state = {"step": 0, "epoch": 0, "best_loss": float("inf"), "bad_evals": 0, "best": None, "start_loss": None}
 
     checkpoint = Path(config.checkpoint_path) if config.checkpoint_path else None
     if checkpoint is not None and checkpoint.is_file():
-        saved = torch.load(checkpoint, map_location=device, weights_only=True)
+        saved = load_checkpoint(checkpoint, device)
         _load_trained(trained, saved["weights"])
         optimizer.load_state_dict(
             shard_optimizer_state(saved["optimizer"], optimizer) if sharded else saved["optimizer"]
@@ -363,12 +384,14 @@ def fit_block(
         state.update(saved["state"])
         stats.evals = saved["evals"]
         stats.train_tokens, stats.train_flops = saved["train_tokens"], saved["train_flops"]
+    guard = DivergenceGuard(config.divergence_factor, state.get("start_loss"))
 
     def validate(epoch: int, train_loss: float, step_losses: list[float]) -> bool:
         """Record one validation, with the LM loss of every training step since the previous one (the
         training curve between validation points); True when patience ran out."""
         with sharded.gathered() if sharded else nullcontext():
             result = evaluate(block, val, embedding, config.eval_batch_size)
+        guard.check(state["step"], result["loss"], "validation loss")
         row = {
             "step": state["step"], "epoch": epoch, "train_loss": train_loss,
             "train_ppl": perplexity(train_loss), "val_loss": result["loss"],
@@ -412,6 +435,8 @@ def fit_block(
                     loss, shown_loss, lm_loss, exit_loss, n_tokens, flops = _global_step(
                         loss, shown_loss, lm_loss, exit_loss, n_tokens, flops
                     )
+                guard.check(state["step"] + 1, float(lm_loss))  # before the step: a NaN never reaches the weights
+                state["start_loss"] = guard.start
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if world > 1:
@@ -536,6 +561,25 @@ def _sum_gradients(params: list[nn.Parameter]) -> None:
     for param in params:
         param.grad = flat[offset : offset + param.numel()].view_as(param)
         offset += param.numel()
+
+
+CHECKPOINT_KEYS = ("weights", "optimizer", "scheduler", "state", "evals", "train_tokens", "train_flops")
+
+
+def load_checkpoint(path: Path, device: torch.device, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
+    """A step checkpoint, plain tensors and numbers only (`weights_only=True`: nothing is unpickled); one that
+    holds anything else, is damaged, or lacks `keys` is a one-line DataError saying to delete it."""
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ... here
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise DataError(
+            f"{path} cannot be loaded as a plain-tensor checkpoint ({reason}); delete it to restart the stage"
+        ) from None
+    missing = [key for key in keys if not isinstance(saved, dict) or key not in saved]
+    if missing:
+        raise DataError(f"{path} is not a LEGO checkpoint (no {', '.join(missing)}); delete it to restart the stage")
+    return saved
 
 
 def _snapshot(modules: list[nn.Module]) -> list[dict[str, Tensor]]:

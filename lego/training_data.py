@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lego.atomic import atomic_write
+from lego.atomic import atomic_write, reserve_space
 from lego.errors import DataError
 
 FORMAT = "lego.TrainingData/1"
@@ -323,8 +323,12 @@ class HiddenStateWriter:
             "targets": ("I32", [sequences, seq_len], hidden_bytes, hidden_bytes + 4 * tokens),
             "active": ("BOOL", [sequences, seq_len], hidden_bytes + 4 * tokens, hidden_bytes + 5 * tokens),
         }
-        with open(self.tmp, "wb") as f:
-            f.truncate(8 + _HEADER_BYTES + hidden_bytes + 5 * tokens)
+        self.tmp.touch()
+        try:  # the whole file's blocks up front: a full disk is one error now, not a SIGBUS mid-write
+            reserve_space(self.tmp, 8 + _HEADER_BYTES + hidden_bytes + 5 * tokens, self.path)
+        except BaseException:
+            self.tmp.unlink()
+            raise
         np_dtype = _NUMPY[_DTYPE_NAMES[dtype]]
         array = np.memmap(
             self.tmp, dtype=np_dtype, mode="r+", offset=8 + _HEADER_BYTES, shape=(sequences * seq_len * dim,)

@@ -24,13 +24,15 @@ import torch
 from experiments.universal.config import from_dict
 from experiments.universal.trainer import UniversalTrainer
 from lego.atomic import atomic_write
-from lego.fitting import FitConfig, lr_schedule, perplexity
+from lego.errors import TrainingDiverged
+from lego.fitting import DivergenceGuard, FitConfig, load_checkpoint, lr_schedule, perplexity
 from lego.model import LEGOTransformer
 from lego.moe import RoutingTally, step_routing_metrics
+from lego.pipeline.checks import warn_long_warmup
 from lego.pipeline.config import RunConfig
 from lego.pipeline.files import load_weights, read_json, save_weights, write_json
 from lego.pipeline.progress import StageProgress
-from lego.pipeline.staged import numeric_metrics
+from lego.pipeline.staged import diverged, numeric_metrics
 from lego.pipeline.tracking import Tracker
 from lego.training_data import TrainingData
 
@@ -48,7 +50,7 @@ def train_from_run(
         load_weights(model, stage_dir / "model.safetensors")
         trainer.configure_routing(model)
         print(f"universal: training complete in {stage_dir}, loaded (delete the folder to retrain)")
-        return read_json(stage_dir / "stats.json")["blocks"]
+        return read_json(stage_dir / "stats.json", {"blocks": list})["blocks"]
 
     stage = run.block_schedule.blocks[0]
     batch_size = stage.batch_size or run.data.batch_size
@@ -56,6 +58,7 @@ def train_from_run(
     total_steps = steps_per_epoch * stage.epochs
     if stage.max_steps is not None:
         total_steps = min(total_steps, stage.max_steps)
+    warn_long_warmup("universal training", "block_schedule.blocks[0]", stage.warmup_steps, total_steps)
     eval_every = max(1, steps_per_epoch // stage.evals_per_epoch)
     optimizer = trainer.create_optimizer(model, stage.lr)
     schedule = FitConfig(warmup_steps=stage.warmup_steps, min_lr_ratio=stage.min_lr_ratio)
@@ -65,13 +68,14 @@ def train_from_run(
     checkpoint = stage_dir / "checkpoint.pt"
     if checkpoint.is_file():
         load_weights(model, stage_dir / "checkpoint.safetensors")
-        saved = torch.load(checkpoint, map_location=device, weights_only=True)
+        saved = load_checkpoint(checkpoint, device, keys=("optimizer", "scheduler", "state"))
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
         print(f"universal: resuming after epoch {state['epoch'] - 1} from {checkpoint}")
 
     started = time.perf_counter() - state["seconds"]
+    guard = DivergenceGuard(run.trainer.divergence_factor, state.get("start_loss"))
     progress = StageProgress(
         0, total_steps, run.trainer.progress, lambda event: tracker.log_step(0, numeric_metrics(event))
     )
@@ -104,6 +108,8 @@ def train_from_run(
 
             def on_step(event: dict, epoch: int = epoch, logit_layers: set[int] = logit_layers) -> None:
                 state["step"] += 1
+                guard.check(state["step"], event["lm_loss"])
+                state["start_loss"] = guard.start
                 n = event["tokens"]
                 state["tokens"] += n
                 for k, block in enumerate(model.blocks):
@@ -117,11 +123,15 @@ def train_from_run(
                 if state["step"] % eval_every == 0 or state["step"] >= total_steps:
                     validate(epoch)
 
-            trainer.train_epoch(
-                model, train, optimizer, epoch, stage.epochs, batch_size=batch_size, scheduler=scheduler,
-                grad_clip=run.trainer.grad_clip, seed=run.seed, max_steps=total_steps - state["step"],
-                callback=on_step,
-            )  # fmt: skip
+            try:
+                trainer.train_epoch(
+                    model, train, optimizer, epoch, stage.epochs, batch_size=batch_size, scheduler=scheduler,
+                    grad_clip=run.trainer.grad_clip, seed=run.seed, max_steps=total_steps - state["step"],
+                    callback=on_step,
+                )  # fmt: skip
+            except TrainingDiverged as err:
+                lr_key = "block_schedule.blocks[0].lr"
+                raise diverged("universal training", err, lr_key, stage.lr, run, stage_dir) from None
             if state["evals"][-1:] and state["evals"][-1][0]["step"] != state["step"]:
                 validate(epoch)  # the epoch's last, partial period
             state["epoch"] = epoch + 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 import re
 import sys
 import types
@@ -21,6 +22,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lego.common.runmeta import is_result_neutral
 from lego.data import DataConfig, TokenizerConfig
 from lego.errors import ConfigError, check_one_of
 from lego.fitting import DUMP_DTYPES, FitConfig
@@ -96,7 +98,7 @@ class HardRatioConf:
     per_block: list[float] | None = None  # one ratio per block but the last; overrides `value`
 
 
-DUMP_MODES = ("keep", "delete", "none")  # trainer.dump
+DUMP_MODES = ("auto", "keep", "delete", "none")  # trainer.dump
 
 
 @dataclass
@@ -104,6 +106,8 @@ class TrainerConf:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_batch_size: int = 64
     grad_clip: float = 1.0
+    # A stage stops as diverged when a step's LM loss is NaN/inf or over this times its first step's (null: NaN/inf)
+    divergence_factor: float | None = 3.0
     threshold_scan: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
     bf16: bool = True  # bf16 autocast for training forwards on CUDA; the CPU path always stays float32
@@ -114,8 +118,9 @@ class TrainerConf:
     progress: bool = True
     # Each stage's hard-token dump (stage_<k>/hard_tokens.safetensors, the next stage's inputs): keep it; delete
     # it once the next stage is complete; or none: never write it (the next stage's inputs stay in memory and a
-    # resume recomputes them from the token ids by running the frozen blocks).
-    dump: str = "keep"
+    # resume recomputes them from the token ids by running the frozen blocks). auto: keep, but delete in a
+    # multirun (lego.pipeline.staged._dump_mode).
+    dump: str = "auto"
     dump_dtype: str = "bfloat16"  # the dump's hidden states: bfloat16 (half the bytes, docs/benchmarks.md) | float32
 
 
@@ -162,6 +167,8 @@ JOB_DIRNAME_CHARS = 64  # longest override part of a sweep job's folder name
 def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=RunConfig)
     OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)  # conf/config.yaml hydra.sweep.subdir
+    # conf/config.yaml hydra.job.config.override_dirname.exclude_keys
+    OmegaConf.register_new_resolver("job_dirname_exclude_keys", job_dirname_exclude_keys, replace=True)
     OmegaConf.register_new_resolver("config_groups", format_config_groups, replace=True)  # conf/hydra/help/lego.yaml
 
 
@@ -180,6 +187,13 @@ def job_dirname(num: int, overrides: str) -> str:
         tail = safe[-(JOB_DIRNAME_CHARS - head - len(digest) - 2) :]
         safe = f"{safe[:head].rstrip('_')}_{digest}_{tail.lstrip('_')}"
     return f"{num}_{safe}" if safe else str(num)
+
+
+def job_dirname_exclude_keys() -> list[str]:
+    """The overrides a sweep job's folder name leaves out: the experiment (the sweep folder names it) and the
+    result-neutral keys (`lego.common.runmeta`), as `run_label` does. Hydra matches these keys exactly, so each
+    result-neutral section comes with every key under it (`wandb`, `wandb.mode`, ...)."""
+    return ["experiment", *(key for key in _schema_keys(RunConfig, "") if is_result_neutral(key))]
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
@@ -247,14 +261,17 @@ _HYDRA_FLAGS_WITH_VALUE = {
 
 
 def exit_on_unknown_override_keys(args: list[str], conf_dir: Path) -> None:
-    """Exit 2 with one line when a plain command-line override (`model.dimm=3`) names a key no schema knows.
+    """Exit 2 with one line when a plain command-line override (`model.dimm=3`) names a key no schema knows, or
+    a config group override (`hard_ratio=0.3`, `+experiment=smal`) gives none of the group's options
+    (`lego.pipeline.group_overrides`).
 
-    Hydra would refuse it too, but later, in several lines whose advice (`+model.dimm=3`) adds the typo. Runs
-    before Hydra, on the `key=value` overrides only: `+key` / `++key` ones are checked after composing
-    (`check_known_keys`), config group choices (`model=tiny`, `hydra/sweeper=optuna`) and `hydra.*` keys are
-    Hydra's own, and a syntax error is left to Hydra's parser."""
+    Hydra would refuse them too, but later, in several lines whose advice (`+model.dimm=3`) adds the typo. Runs
+    before Hydra: `+key` / `++key` ones are checked after composing (`check_known_keys`), `hydra.*` keys and
+    Hydra's own groups (`hydra/sweeper=optuna`) are Hydra's, and a syntax error is left to Hydra's parser."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
+
+    from lego.pipeline.group_overrides import group_choice_error
 
     if "-sc" in args or "--shell-completion" in args:
         return  # `-sc install=bash`: the arguments are Hydra's completion command, not overrides
@@ -264,7 +281,7 @@ def exit_on_unknown_override_keys(args: list[str], conf_dir: Path) -> None:
     group_dirs += [Path(arg.split("=", 1)[1]) for arg in args if arg.startswith("--config-dir=")]
     plain = [
         arg for i, arg in enumerate(args)
-        if "=" in arg and not arg.startswith(("-", "+", "~")) and i not in flag_of_value
+        if "=" in arg and not arg.startswith(("-", "~")) and i not in flag_of_value
     ]  # fmt: skip
     try:
         overrides = OverridesParser.create().parse_overrides(plain)
@@ -272,15 +289,19 @@ def exit_on_unknown_override_keys(args: list[str], conf_dir: Path) -> None:
         return
     known = _schema_keys(RunConfig, "")
     errors = []
-    for override in overrides:
+    for override, text in zip(overrides, plain, strict=True):
         key = override.key_or_group
-        if override.package is not None or key.split(".")[0].split("/")[0] == "hydra" or any(
-            (directory / key).is_dir() for directory in group_dirs
-        ):
+        if override.package is not None or key.split(".")[0].split("/")[0] == "hydra":
             continue
+        if any((directory / key).is_dir() for directory in group_dirs):
+            errors.append(group_choice_error(override, text, group_dirs))
+            continue
+        if override.is_add() or override.is_force_add():
+            continue  # checked after composing
         path, siblings = _schema_path(RunConfig, key.split("."))
         if path is None:
             errors.append(_unknown_key_message(_display(key), siblings, known))
+    errors = [error for error in errors if error]
     if errors:
         print(f"error: {'; '.join(errors)}", file=sys.stderr)
         sys.exit(2)
@@ -348,8 +369,7 @@ def validate(run: RunConfig) -> None:
     check_one_of("method", run.method, METHODS)
     check_one_of("wandb.mode", run.wandb.mode, WANDB_MODES)
     check_one_of("objective.metric", run.objective.metric, OBJECTIVES)
-    if run.objective.max_honest_cost <= 0:
-        raise ConfigError(f"objective.max_honest_cost={run.objective.max_honest_cost} must be positive (e.g. 0.8)")
+    check_number("objective.max_honest_cost", run.objective.max_honest_cost, low=0, low_open=True, hint="e.g. 0.8")
     m = run.model
     if m.dim < 1 or m.num_heads < 1 or m.dim % m.num_heads or (m.dim // m.num_heads) % 2:
         raise ConfigError(
@@ -358,42 +378,75 @@ def validate(run: RunConfig) -> None:
         )
     if m.hidden_dim is not None and m.hidden_dim < 1:
         raise ConfigError(f"model.hidden_dim={m.hidden_dim} must be positive or null")
+    check_number("model.rope_base", m.rope_base, low=1, low_open=True, hint="e.g. 10000")
     moe_config(m.moe)
     blocks = run.block_schedule.blocks
     if not blocks:
         raise ConfigError("block_schedule.blocks is empty: give at least one block")
     for k, stage in enumerate(blocks):
-        key = f"block_schedule.blocks[{k}]"
-        for name in ("layers", "epochs", "evals_per_epoch"):
-            if getattr(stage, name) < 1:
-                raise ConfigError(f"{key}.{name}={getattr(stage, name)} must be at least 1")
-        if stage.lr <= 0:
-            raise ConfigError(f"{key}.lr={stage.lr} must be positive")
-        if stage.patience < 1 or stage.warmup_steps < 0:
-            raise ConfigError(f"{key}: patience must be >= 1 and warmup_steps >= 0")
-        if stage.batch_size is not None and stage.batch_size < 1:
-            raise ConfigError(f"{key}.batch_size={stage.batch_size} must be positive or null")
+        _validate_stage(f"block_schedule.blocks[{k}]", stage)
     ratios = hard_ratios(run)
     for k, ratio in enumerate(ratios):
-        if not 0.0 < ratio < 1.0:
-            key = "hard_ratio.value" if run.hard_ratio.per_block is None else f"hard_ratio.per_block[{k}]"
-            raise ConfigError(f"{key}={ratio} must be strictly between 0 and 1 (the share of tokens passed on as hard)")
-    for share in run.trainer.threshold_scan:
-        if not 0.0 <= share < 1.0:
-            raise ConfigError(f"trainer.threshold_scan has {share}: exit shares must be in [0, 1)")
-    if run.trainer.eval_batch_size < 1:
-        raise ConfigError("trainer.eval_batch_size must be positive")
-    check_one_of("trainer.dump", run.trainer.dump, DUMP_MODES)
-    check_one_of("trainer.dump_dtype", run.trainer.dump_dtype, tuple(DUMP_DTYPES))
-    if run.trainer.memory_budget_mb is not None and run.trainer.memory_budget_mb < 0:
-        raise ConfigError(
-            f"trainer.memory_budget_mb={run.trainer.memory_budget_mb} is negative; use MB >= 0 (0: always stream) "
-            "or null (always in memory)"
-        )
-    if not (run.trainer.device in ("auto", "cpu", "cuda") or run.trainer.device.startswith("cuda:")):
-        raise ConfigError(f"trainer.device={run.trainer.device!r} is unknown; use auto, cpu, cuda or cuda:N")
+        key = "hard_ratio.value" if run.hard_ratio.per_block is None else f"hard_ratio.per_block[{k}]"
+        check_number(key, ratio, low=0, high=1, low_open=True, high_open=True,
+                     hint="the share of tokens passed on as hard")  # fmt: skip
+    _validate_trainer(run.trainer)
     run.data.validate()
     run.tokenizer.validate()
+
+
+def _validate_stage(key: str, stage: StageConf) -> None:
+    for name in ("layers", "epochs", "evals_per_epoch", "patience"):
+        if getattr(stage, name) < 1:
+            raise ConfigError(f"{key}.{name}={getattr(stage, name)} must be at least 1")
+    if stage.warmup_steps < 0:
+        raise ConfigError(f"{key}.warmup_steps={stage.warmup_steps} must be 0 or more")
+    check_number(f"{key}.lr", stage.lr, low=0, low_open=True, hint="e.g. 1e-3")
+    check_number(f"{key}.min_lr_ratio", stage.min_lr_ratio, low=0, high=1, hint="the cosine's floor, e.g. 0.1")
+    check_number(f"{key}.weight_decay", stage.weight_decay, low=0, hint="e.g. 0.1")
+    check_number(f"{key}.exit_loss_weight", stage.exit_loss_weight, low=0, hint="e.g. 1.0")
+    if stage.batch_size is not None and stage.batch_size < 1:
+        raise ConfigError(f"{key}.batch_size={stage.batch_size} must be positive or null")
+    if stage.max_steps is not None and stage.max_steps < 1:
+        raise ConfigError(f"{key}.max_steps={stage.max_steps} must be positive or null")
+
+
+def _validate_trainer(trainer: TrainerConf) -> None:
+    check_number("trainer.grad_clip", trainer.grad_clip, low=0, low_open=True, hint="e.g. 1.0")
+    if trainer.divergence_factor is not None:
+        check_number("trainer.divergence_factor", trainer.divergence_factor, low=1, low_open=True,
+                     hint="e.g. 3, or null to stop only on NaN/inf")  # fmt: skip
+    if not trainer.threshold_scan:
+        raise ConfigError("trainer.threshold_scan is empty: give the exit shares to scan, e.g. [0.0,0.5,0.9]")
+    for share in trainer.threshold_scan:
+        check_number("trainer.threshold_scan", share, low=0, high=1, high_open=True, hint="exit shares")
+    if trainer.eval_batch_size < 1:
+        raise ConfigError(f"trainer.eval_batch_size={trainer.eval_batch_size} must be positive")
+    if trainer.num_threads is not None and trainer.num_threads < 1:
+        raise ConfigError(f"trainer.num_threads={trainer.num_threads} must be positive, or null for torch's default")
+    check_one_of("trainer.dump", trainer.dump, DUMP_MODES)
+    check_one_of("trainer.dump_dtype", trainer.dump_dtype, tuple(DUMP_DTYPES))
+    if trainer.memory_budget_mb is not None:
+        check_number("trainer.memory_budget_mb", trainer.memory_budget_mb, low=0,
+                     hint="MB >= 0 (0: always stream) or null (always in memory)")  # fmt: skip
+    if not (trainer.device in ("auto", "cpu", "cuda") or trainer.device.startswith("cuda:")):
+        raise ConfigError(f"trainer.device={trainer.device!r} is unknown; use auto, cpu, cuda or cuda:N")
+
+
+def check_number(
+    key: str, value: float, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+    high_open: bool = False, hint: str = "",
+) -> None:  # fmt: skip
+    """A ConfigError naming `key` unless `value` is a finite number within [low, high] (open ends where asked)."""
+    inside = math.isfinite(value) and (
+        (low is None or (value > low if low_open else value >= low))
+        and (high is None or (value < high if high_open else value <= high))
+    )
+    if not inside:
+        lower = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        upper = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        bounds = " and ".join(part for part in (lower, upper) if part)
+        raise ConfigError(f"{key}={value} must be a finite number {bounds}" + (f" ({hint})" if hint else ""))
 
 
 def hard_ratios(run: RunConfig) -> list[float]:
@@ -452,6 +505,7 @@ def fit_config(
         hard_ratio=hard_ratio,
         seed=run.seed + k,
         checkpoint_path=checkpoint_path,
+        divergence_factor=run.trainer.divergence_factor,
         bf16_autocast=run.trainer.bf16,
         memory_budget_mb=run.trainer.memory_budget_mb,
         fsdp=run.trainer.fsdp,

@@ -34,11 +34,23 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, expect: dict[str, type | tuple[type, ...]] | None = None) -> Any:
+    """The JSON in `path`; with `expect` (key -> type), an object holding at least those keys with those types:
+    a file that is valid JSON of another shape is refused like a damaged one, not trusted."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise DataError(f"{path} is unreadable ({err}); delete it to redo the step that wrote it") from err
+    if expect is not None:
+        shaped = isinstance(data, dict)
+        wrong = [key for key, kind in expect.items() if not shaped or not isinstance(data.get(key), kind)]
+        if wrong or not shaped:
+            wrong = wrong or ["an object"]
+            raise DataError(
+                f"{path} does not hold what LEGO wrote there ({', '.join(wrong[:3])} missing or of the wrong type); "
+                "delete it to redo the step that wrote it"
+            )
+    return data
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
@@ -50,7 +62,8 @@ def load_weights(model: nn.Module, path: Path) -> None:
     try:
         missing, unexpected = load_model(model, str(path), strict=False)
     except Exception as err:  # safetensors raises several types for a damaged file
-        raise DataError(f"{path} cannot be loaded ({err}); delete the stage folder to retrain it") from err
+        reason = " ".join(str(err).split())  # one line: load_state_dict's size mismatches span several
+        raise DataError(f"{path} cannot be loaded ({reason}); delete the stage folder to retrain it") from err
     if missing or unexpected:
         raise DataError(
             f"{path} does not match the model (missing {sorted(missing)[:3]}, unexpected "

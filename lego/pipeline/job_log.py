@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from lego.errors import LEGOError
+
 
 @contextmanager
 def mirror_output(log_path: str | Path | None) -> Iterator[None]:
@@ -30,6 +32,8 @@ def mirror_output(log_path: str | Path | None) -> Iterator[None]:
         sys.stdout, sys.stderr = tees
         try:
             yield
+        except LEGOError:  # a user error: its one line is already printed (a sweep's job raises it on)
+            raise
         except Exception:  # a user error exits with its one line already printed (SystemExit, not copied)
             for tee in tees:
                 tee.close_line()

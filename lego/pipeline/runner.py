@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -25,29 +26,29 @@ from pathlib import Path
 import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from lego import distributed
+from lego.atomic import remove_stale_temporaries
+from lego.common.runmeta import RESUME_VOLATILE_KEYS, parse_overrides, run_label
 from lego.data import format_summary, prepare_data
-from lego.errors import ConfigError, LEGOError
+from lego.errors import ConfigError, LEGOError, TrainingDiverged
 from lego.model import LEGOTransformer
 from lego.moe import RoutingTally
+from lego.pipeline.checks import warn_small_splits
 from lego.pipeline.config import RunConfig, model_config, to_run_config
-from lego.pipeline.evaluation import evaluate_routed, measure_speedup, threshold_scan
+from lego.pipeline.evaluation import evaluate_routed, measure_speedup, threshold_scan, timing_passes
 from lego.pipeline.files import read_json, write_json
 from lego.pipeline.methods import get_method
 from lego.pipeline.plots import make_run_plots
+from lego.pipeline.run_dir import RunLock, claim, remove_own_files
 from lego.pipeline.staged import dense_compute_reference
 from lego.pipeline.summary import format_results
 from lego.pipeline.tracking import Tracker
-from lego.report.collect import parse_overrides, run_label
 from lego.training_data import TrainingData
-
-# Keys that may change between a run and its resume without changing what is computed.
-VOLATILE_KEYS = ("wandb", "debug", "trainer.progress", "trainer.num_threads", "trainer.device", "cache_dir",
-                 "trainer.memory_budget_mb", "trainer.fsdp", "trainer.dump", "objective")  # fmt: skip
 
 
 def run_experiment(
@@ -77,6 +78,7 @@ def run_experiment(
     unigram_ppl = prepared.unigram_ppl()
     print(format_summary(prepared.summary))
     print(f"baseline: unigram test PPL {unigram_ppl:.1f}")
+    warn_small_splits(prepared.summary, run.data)
     if rank == 0:
         write_json(run_dir / "run_config.json", _comparable(resolved))
         prepared.tokenizer.save(run_dir / "tokenizer.json")
@@ -104,6 +106,7 @@ def run_experiment(
         if rank > 0:
             return {}
         results = final_results(run, model, prepared.val, prepared.test, stages, device)
+        check_finite_results(results)
         results.update(
             unigram_ppl=unigram_ppl,
             parameters=n_params,
@@ -127,7 +130,8 @@ def final_results(
         f"final evaluation: test and validation through the exits, a threshold scan of {len(shares)} exit shares, "
         "then the speed-up timing"
     )
-    with tqdm(total=len(shares) + 3, desc="final evaluation", unit="pass", disable=not run.trainer.progress) as bar:
+    total = len(shares) + 2 + timing_passes()  # test, validation, one per scan share, one per timed pass
+    with tqdm(total=total, desc="final evaluation", unit="pass", disable=not run.trainer.progress) as bar:
         with RoutingTally(model.named_moe_ffns()) as tally:  # MoE layers' routing of the tokens reaching them
             test = evaluate_routed(model, test_windows, batch, device)
         bar.update()
@@ -137,8 +141,7 @@ def final_results(
         scan = threshold_scan(model, val_windows, test_windows, shares, batch, device, at_cost, on_share=bar.update)
         bar.set_description("speed-up timing")
         # wall time of full-depth forwards over routed ones on the same test batches, alternating rounds
-        speedup = measure_speedup(model, test_windows, batch, device)
-        bar.update()
+        speedup = measure_speedup(model, test_windows, batch, device, on_pass=bar.update)
     full_depth = next(row for row in scan if row["target_exit_share"] == 0.0)
     blocks = []
     for block_row, stage in zip(test["blocks"], stages, strict=True):
@@ -181,12 +184,42 @@ def final_results(
         "inference_speedup": speedup["median"],
         "inference_speedup_iqr": [speedup["q25"], speedup["q75"]],
         "inference_speedup_rounds": speedup["rounds"],
+        "inference_speedup_null_rounds": speedup["null_rounds"],  # equal-work adjacent passes: the noise floor
+        "inference_speedup_noise": speedup["noise"],
+        "inference_speedup_load": speedup["load"],
+        "inference_speedup_caveat": speedup["caveat"],  # None when the figure counts
         "confidence_histograms": test["confidence_histograms"],
         "test_tokens": test["tokens"],
         "objective_metric": run.objective.metric,
         "objective": objective(run, val["ppl"], scan),
         "moe": tally.summary(),  # per MoE layer: expert load, imbalance, entropy, dropped share ([] when dense)
     }
+
+
+FINISHED_METRICS = ("test_ppl", "val_ppl", "test_ppl_full_depth", "shallow_ratio", "honest_cost", "objective")
+
+
+def check_finite_results(results: dict) -> None:
+    """A finished run's metrics are numbers: a NaN or infinite PPL (or an exit threshold that is not a number)
+    means the model diverged, and is refused before results.json is written, so no report or sweeper reads it as
+    a result. (`objective` may be inf for val_ppl_at_cost when no exit share is cheap enough: that is a result.)"""
+    may_be_inf = {"objective"} if results.get("objective_metric") == "val_ppl_at_cost" else set()
+    bad = [key for key in FINISHED_METRICS if not _is_number(results.get(key), allow_inf=key in may_be_inf)]
+    # a threshold may be inf: that block never exits (a Universal layer without an exit)
+    thresholds = results.get("thresholds", [])[:-1]
+    bad += [f"thresholds[{k}]" for k, t in enumerate(thresholds) if not _is_number(t, allow_inf=True)]
+    if bad:
+        shown = ", ".join(f"{key} {results.get(key)!r}" if key in results else key for key in bad[:3])
+        raise TrainingDiverged(
+            f"the final evaluation is not finite ({shown}): the model diverged; lower the learning rate "
+            "(block_schedule.blocks[k].lr) or trainer.grad_clip and train in a new hydra.run.dir"
+        )
+
+
+def _is_number(value: object, allow_inf: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return False
+    return allow_inf or math.isfinite(value)
 
 
 def code_version() -> dict | None:
@@ -235,9 +268,9 @@ def pick_device(name: str) -> torch.device:
 
 
 def _comparable(resolved: dict) -> dict:
-    """The resolved config without the keys that may change on resume."""
+    """The resolved config without the keys that may change on resume (`lego.common.runmeta`)."""
     clean = json.loads(json.dumps(resolved))
-    for dotted in VOLATILE_KEYS:
+    for dotted in RESUME_VOLATILE_KEYS:
         *parents, leaf = dotted.split(".")
         node = clean
         for part in parents:
@@ -251,7 +284,7 @@ def check_resumable(run_dir: Path, resolved: dict) -> None:
     saved_path = run_dir / "run_config.json"
     if not saved_path.is_file():
         return
-    saved, now = _flatten(read_json(saved_path)), _flatten(_comparable(resolved))
+    saved, now = _flatten(read_json(saved_path, expect={})), _flatten(_comparable(resolved))
     changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
     if changed:
         shown = ", ".join(f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in changed[:3])
@@ -300,25 +333,52 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def main(cfg: DictConfig) -> float | None:
     """Hydra task function (see train.py). Returns the validation objective (`objective.metric`), for sweepers
     that optimise it: never a test number, so tuning cannot fit the test set (None on ranks other than 0,
-    which print nothing to stdout: rank 0 reports for all)."""
+    which print nothing to stdout: rank 0 reports for all).
+
+    A user error (bad config or data, a diverged run) is one line on stderr: a single run exits 2; a sweep's job
+    raises it on, so that Hydra records a failed job (the sweeper gets no objective) and goes on with the next."""
     distributed.init_from_env()
     hydra_cfg = HydraConfig.get()
     run_dir = shared_run_dir(Path(hydra_cfg.runtime.output_dir))
-    fresh = not (run_dir / "run_config.json").exists()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     group = f"{cfg.get('experiment_name')}/{Path(hydra_cfg.sweep.dir).name}" if multirun else None
     overrides = parse_overrides(list(hydra_cfg.overrides.task))
     try:
-        run = to_run_config(cfg)
-        if not distributed.is_main():
-            run.trainer.progress = False
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        with _stdout_on_rank_0():
+        with _stdout_on_rank_0(), owning(run_dir):
+            run = to_run_config(cfg)
+            if not distributed.is_main():
+                run.trainer.progress = False
+            resolved = OmegaConf.to_container(cfg, resolve=True)
             return run_experiment(run, resolved, run_dir, group, overrides).get("objective")
     except LEGOError as err:
-        if fresh and distributed.is_main() and not any(run_dir.glob("stage_*")):
-            shutil.rmtree(run_dir, ignore_errors=True)  # bad input leaves no half-made run behind
         if cfg.get("debug") or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {err}", file=sys.stderr)
+        if multirun:
+            raise SweepJobFailed(str(err)) from None
         sys.exit(2)
+
+
+class SweepJobFailed(LEGOError, CompactHydraException):
+    """A sweep job's user error, raised on to Hydra: it records the job as failed, runs the sweep's other jobs,
+    then ends the sweep with the message alone (a compact Hydra error: no traceback)."""
+
+
+@contextlib.contextmanager
+def owning(run_dir: Path) -> Iterator[None]:
+    """Rank 0 holds the run directory for the run (`lego.pipeline.run_dir`): a folder of other files is refused,
+    a second process on it too, temporary files of killed writes are removed, and when bad input stops a fresh
+    run, the files this process wrote are removed again (a diverged run keeps its folder, log and checkpoint)."""
+    if not distributed.is_main():
+        yield
+        return
+    claim(run_dir)
+    with RunLock(run_dir):
+        fresh = not (run_dir / "run_config.json").exists()
+        remove_stale_temporaries(run_dir)
+        try:
+            yield
+        except LEGOError as err:
+            if fresh and not isinstance(err, TrainingDiverged) and not any(run_dir.glob("stage_*")):
+                remove_own_files(run_dir)
+            raise

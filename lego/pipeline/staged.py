@@ -4,8 +4,9 @@ Each stage leaves `stage_<k>/` in the run directory:
   model.safetensors         the whole model after the stage
   hard_tokens.safetensors   the TrainingData Block k+1 trains on (`TrainingData.load`); not for the last block.
                             Hidden states in `trainer.dump_dtype`. With N ranks (torchrun) each writes its
-                            shard, hard_tokens.rank<r>-of<N>.safetensors. `trainer.dump=delete` removes it once
-                            stage k+1 is complete; `trainer.dump=none` never writes it, but
+                            shard, hard_tokens.rank<r>-of<N>.safetensors. `trainer.dump=delete` (what `auto`, the
+                            default, does in a multirun) removes it once stage k+1 is complete;
+                            `trainer.dump=none` never writes it, but
   hard_mask.safetensors     (`trainer.dump=none` only) the token ids with Block k+1's hard tokens as the active
                             mask, from which a resume recomputes Block k+1's inputs (blocks 0..k on the ids)
   val_routed.safetensors    the validation tokens routed on to Block k+1, only when larger than trainer.memory_budget_mb
@@ -24,12 +25,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from torch import nn
 
 from lego import distributed
-from lego.errors import ConfigError
+from lego.errors import ConfigError, TrainingDiverged
 from lego.fitting import propagate, route
 from lego.model import LEGOBlock, LEGOTransformer
+from lego.pipeline.checks import warn_long_warmup
 from lego.pipeline.config import RunConfig, fit_config, hard_ratios
 from lego.pipeline.files import load_weights, read_json, save_weights, write_json
 from lego.pipeline.progress import StageProgress
@@ -39,6 +43,22 @@ from lego.training_data import TrainingData, dump_bytes, exceeds_budget, load_sh
 # Stage metrics measured on the stage's own tokens: from stage 1 on, the tokens the previous block passes on.
 TOKEN_METRICS = ("loss", "lm_loss", "exit_loss", "train_loss", "train_ppl", "val_loss", "val_ppl", "val_acc",
                  "best_val_ppl")  # fmt: skip
+
+
+STATS_KEYS = {"block": int, "best_val_ppl": (int, float), "train_tokens": int, "seconds": (int, float), "evals": list}
+
+
+def diverged(
+    where: str, err: TrainingDiverged, lr_key: str, lr: float, run: RunConfig, stage_dir: Path
+) -> TrainingDiverged:
+    """The one line for a stage that diverged: where, the loss and step, and what to change."""
+    kept = stage_dir / "checkpoint.pt"
+    checkpoint = f"; its last good checkpoint stays in {kept}" if kept.is_file() else ""
+    return TrainingDiverged(
+        f"{where} diverged: {err}; lower {lr_key} (now {lr:g}) or trainer.grad_clip (now {run.trainer.grad_clip:g}), "
+        f"or raise trainer.divergence_factor (now {run.trainer.divergence_factor}), and train in a new "
+        f"hydra.run.dir{checkpoint}"
+    )
 
 
 @dataclass
@@ -57,7 +77,7 @@ def train_staged(
 ) -> list[StageResult]:
     ratios = hard_ratios(run)
     rank, world = distributed.world()
-    dump, budget = run.trainer.dump, run.trainer.memory_budget_mb
+    dump, budget = _dump_mode(run.trainer.dump, len(model.blocks)), run.trainer.memory_budget_mb
     token_ids = train  # Block 0's data: what a missing dump's inputs are recomputed from
     stage_dirs = [run_dir / f"stage_{k}" for k in range(len(model.blocks))]
     # rank 0 decides for all which stages are complete and what each left for the next one
@@ -77,7 +97,7 @@ def train_staged(
         mask_path = stage_dir / "hard_mask.safetensors"
         if complete[k]:
             load_weights(model, stage_dir / "model.safetensors")
-            stats = read_json(stage_dir / "stats.json")
+            stats = read_json(stage_dir / "stats.json", STATS_KEYS)
             print(f"stage {k}: complete in {stage_dir}, loaded (delete the folder to retrain it)")
             hard = None  # the next stage's inputs: only while a later stage still has to train
             saved_world = stats.get("ranks", 1)
@@ -93,14 +113,18 @@ def train_staged(
             # streamed to disk, read back within trainer.memory_budget_mb; one shard per rank
             config.hard_data_path = None if last or dump == "none" else str(shard_path(hard_path, rank, world))
             config.hard_data_dtype = run.trainer.dump_dtype
+            total_steps = _total_steps(train, distributed.per_rank(config.batch_size), config.epochs, config.max_steps)
+            warn_long_warmup(f"stage {k}", f"block_schedule.blocks[{k}]", config.warmup_steps, total_steps)
             progress = StageProgress(
                 k,
-                _total_steps(train, distributed.per_rank(config.batch_size), config.epochs, config.max_steps),
+                total_steps,
                 run.trainer.progress,
                 on_event=lambda event, k=k: tracker.log_step(k, stage_metrics(k, numeric_metrics(event))),
             )
             try:
                 hard, fit_stats = block.fit(train, val, config, embedding=embedding, callback=progress)
+            except TrainingDiverged as err:
+                raise diverged(f"stage {k}", err, f"block_schedule.blocks[{k}].lr", config.lr, run, stage_dir) from None
             finally:
                 progress.close()
             if hard is not None and dump == "none":
@@ -125,7 +149,7 @@ def train_staged(
                 (stage_dir / "checkpoint.pt").unlink(missing_ok=True)
             tracker.log_stage_end(k, stage_metrics(k, stats))
             results.append(StageResult(stats, resumed=False))
-            print(_stage_line(k, stats))
+            print(_stage_line(k, stats, total_steps, config.patience))
         if dump == "delete" and distributed.is_main():
             _delete_unneeded_inputs(stage_dirs, k)
         if not last:
@@ -135,6 +159,22 @@ def train_staged(
             val = route(block, val, embedding, run.trainer.eval_batch_size, routed_path if stream else None)
             train = hard
     return results
+
+
+def _dump_mode(configured: str, blocks: int) -> str:
+    """What `trainer.dump` does: `auto` (the default) keeps the dumps in a single run and deletes them in a Hydra
+    multirun, where every job's would add up unannounced (a `small` job's is 495 MB) and no resume needs them
+    once the next stage is complete. The one place that reads Hydra's run mode; keep without Hydra."""
+    if configured != "auto":
+        return configured
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        return "keep"
+    if blocks > 1:
+        print(
+            "trainer.dump=delete, the default in a sweep: each stage's hard-token dump is deleted once the next "
+            "stage is complete (trainer.dump=keep keeps them)"
+        )
+    return "delete"
 
 
 def _saved_inputs(stage_dir: Path) -> str | None:
@@ -232,7 +272,7 @@ def stage_metrics(k: int, metrics: dict) -> dict:
     return {f"{key}_hard_tokens" if key in TOKEN_METRICS else key: value for key, value in metrics.items()}
 
 
-def _stage_line(k: int, stats: dict) -> str:
+def _stage_line(k: int, stats: dict, total_steps: int, patience: int) -> str:
     if k == 0:
         measured_on = "all validation tokens"
     else:
@@ -244,6 +284,9 @@ def _stage_line(k: int, stats: dict) -> str:
     ]
     if stats.get("threshold") is not None:
         parts.append(f"threshold {stats['threshold']:.3f}, {stats['hard_count']:,} hard tokens")
+    steps = stats["evals"][-1]["step"] if stats["evals"] else 0
+    if stats["stopped_early"] and steps < total_steps:
+        parts.append(f"stopped early after {steps:,} of {total_steps:,} steps (patience {patience})")
     parts.append(f"{stats['seconds']:.0f}s")
     return ", ".join(parts)
 

@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from lego.report import write_report
@@ -32,8 +34,21 @@ def report_quietly(folder: Path) -> None:
 
 
 class SweepReport(Callback):
+    """The sweep's report when it ends; once a job has failed, also after every job from then on, since Hydra
+    raises the failure when the sweep's jobs are done and never calls `on_multirun_end`."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         report_quietly(Path(config.hydra.sweep.dir))
+
+    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        if job_return is None or config.hydra.mode != RunMode.MULTIRUN:
+            return
+        self.failed = self.failed or job_return.status == JobStatus.FAILED
+        if self.failed:
+            report_quietly(Path(config.hydra.sweep.dir))
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         job = kwargs.get("job_return")

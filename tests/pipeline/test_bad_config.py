@@ -6,7 +6,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from lego.pipeline.config import exit_on_unknown_override_keys, register_configs
+from lego.errors import ConfigError
+from lego.pipeline.config import exit_on_unknown_override_keys, register_configs, to_run_config
 from tests.launch import run_train
 
 CONF = Path(__file__).parents[2] / "conf"
@@ -19,8 +20,36 @@ BAD = [
     ("hard_ratio.per_block=[0.5,0.5,0.5]", "hard_ratio.per_block has 3 values"),
     ("wandb.mode=sometimes", "wandb.mode='sometimes'"),
     ("data.seq_len=0", "data.seq_len=0"),
-    ("trainer.memory_budget_mb=-1", "trainer.memory_budget_mb=-1.0 is negative"),
+    ("trainer.memory_budget_mb=-1", "trainer.memory_budget_mb=-1.0 must be a finite number >= 0"),
+    # these two used to crash with a traceback and leave a run directory
+    ("block_schedule.blocks.0.lr=nan", "block_schedule.blocks[0].lr=nan must be a finite number > 0"),
+    ("trainer.num_threads=-4", "trainer.num_threads=-4 must be positive"),
 ]
+
+# Values that used to be accepted (and trained to NaN, or meant nothing): each is one ConfigError naming its key.
+OUT_OF_RANGE = {
+    "block_schedule.blocks.0.lr=inf": "block_schedule.blocks[0].lr=inf must be a finite number > 0",
+    "trainer.grad_clip=nan": "trainer.grad_clip=nan must be a finite number > 0",
+    "block_schedule.blocks.1.weight_decay=-0.1": "block_schedule.blocks[1].weight_decay=-0.1 must be a finite number",
+    "block_schedule.blocks.0.min_lr_ratio=-1": "block_schedule.blocks[0].min_lr_ratio=-1.0 must be a finite number",
+    "block_schedule.blocks.0.min_lr_ratio=2": "<= 1",
+    "trainer.threshold_scan=[]": "trainer.threshold_scan is empty",
+    "trainer.threshold_scan=[0.5,nan]": "trainer.threshold_scan=nan",
+    "model.rope_base=0": "model.rope_base=0.0 must be a finite number > 1",
+    "objective.max_honest_cost=nan": "objective.max_honest_cost=nan",
+    "trainer.divergence_factor=0.5": "trainer.divergence_factor=0.5 must be a finite number > 1",
+    "block_schedule.blocks.0.max_steps=0": "block_schedule.blocks[0].max_steps=0 must be positive",
+    "block_schedule.blocks.0.exit_loss_weight=-1": "block_schedule.blocks[0].exit_loss_weight=-1.0",
+}
+
+
+@pytest.mark.parametrize("override", list(OUT_OF_RANGE))
+def test_every_numeric_value_has_its_range_checked(override):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=tiny", override])
+    with pytest.raises(ConfigError) as caught:
+        to_run_config(cfg)
+    assert OUT_OF_RANGE[override] in str(caught.value)
 
 
 @pytest.mark.parametrize("override,message", BAD)
@@ -91,7 +120,7 @@ def test_hydra_groups_and_flag_values_pass_the_override_check(tmp_path):
 
 
 def _leaf_keys(node, prefix: str = "") -> list[str]:
-    if isinstance(node, dict) and node:
+    if isinstance(node, dict):  # an empty one (`universal: {}`) has no key to set
         return [key for name, value in node.items() for key in _leaf_keys(value, f"{prefix}{name}.")]
     if isinstance(node, list) and node and isinstance(node[0], dict):
         return [key for i, value in enumerate(node) for key in _leaf_keys(value, f"{prefix}{i}.")]
