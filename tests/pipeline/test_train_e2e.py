@@ -2,6 +2,7 @@
 multirun, W&B read-back."""
 
 import json
+import os
 import subprocess
 
 import torch
@@ -128,3 +129,16 @@ def test_two_job_multirun_over_hard_ratio(tmp_path, cache_dir):
     assert hard_counts[0] < hard_counts[1]
     groups = {read_offline_run(job)["group"] for job in jobs}
     assert groups == {f"tiny/{sweep.name}"}
+
+
+def test_every_file_a_run_writes_has_the_permissions_of_the_umask(tiny_run):
+    """A colleague on a shared server can read a run's results: no file LEGO writes is owner-only under the
+    usual umask (W&B's own files under wandb/ are W&B's)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    written = [p for p in tiny_run.rglob("*") if p.is_file() and "wandb" not in p.relative_to(tiny_run).parts]
+    assert {"results.json", "report.html", "model.safetensors", "stats.json"} <= {p.name for p in written}
+    wrong = [f"{p.relative_to(tiny_run)}: {p.stat().st_mode & 0o777:o}" for p in written
+             if p.stat().st_mode & 0o777 != expected]  # fmt: skip
+    assert not wrong, wrong
