@@ -21,7 +21,16 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lego.layers import RMSNorm, RotaryEmbedding, SparseLayout, TransformerLayer, layer_token_flops, swiglu_hidden_dim
+from lego.layers import (
+    RMSNorm,
+    RotaryEmbedding,
+    SparseAttention,
+    SparseLayout,
+    TransformerLayer,
+    flex_attention_available,
+    layer_token_flops,
+    swiglu_hidden_dim,
+)
 from lego.moe import MoEConfig, MoEFeedForward
 
 if TYPE_CHECKING:
@@ -31,6 +40,30 @@ if TYPE_CHECKING:
 LogitsFor = Literal["active", "exit", "none"]
 ConfidenceMethod = Literal["learned", "max_softmax", "entropy"]
 CONFIDENCE_METHODS = ("learned", "max_softmax", "entropy")
+SPARSE_BUCKET = 64  # the sparse path's padding multiple off the CPU
+SPARSE_ATTENTIONS = ("auto", "sdpa", "flex")
+
+
+def sparse_path(
+    device_type: str, has_moe: bool, bucket: int | None = None, attention: str = "auto"
+) -> tuple[int, SparseAttention]:
+    """How a block's sparse path runs on a device: (padding multiple of its rows, attention kernel).
+
+    `bucket` None: 1 (no padding) on the CPU, where the kernels take any shape and its numbers stay exact,
+    and in a block with MoE layers (an expert would route the padding rows; its routing does not compile
+    without graph breaks anyway); else `SPARSE_BUCKET`, so a compiled layer sees few shapes. `attention`
+    "auto": FlexAttention on CUDA (a fused kernel that skips the masked key blocks), else SDPA with a
+    boolean mask (on CUDA its memory-efficient or math kernel).
+    """
+    if attention not in SPARSE_ATTENTIONS:
+        raise ValueError(f"sparse attention must be one of {SPARSE_ATTENTIONS}, got {attention!r}")
+    if bucket is not None and (bucket < 1 or (has_moe and bucket > 1)):
+        raise ValueError(f"sparse bucket must be >= 1, and 1 in a block with MoE layers; got {bucket}")
+    if bucket is None:
+        bucket = 1 if device_type == "cpu" or has_moe else SPARSE_BUCKET
+    if attention == "auto":
+        attention = "flex" if device_type == "cuda" and flex_attention_available() else "sdpa"
+    return bucket, attention
 
 
 def logit_confidence(logits: Tensor, method: str) -> Tensor:
@@ -70,6 +103,8 @@ class LEGOBlock(nn.Module):
     submodule), so a block's parameters and optimizer never include the head.
     With `moe`, the layers numbered in `moe_layers` (all of them when None) get an MoE feed-forward
     (`lego.moe`) instead of the SwiGLU; its training needs `moe_aux_loss()` and `update_moe_bias()`.
+    `sparse_bucket` and `sparse_attention` choose how the sparse path runs (`sparse_path`; None and "auto":
+    by the device), `compile_layers()` compiles every layer.
     """
 
     def __init__(
@@ -110,6 +145,15 @@ class LEGOBlock(nn.Module):
         self.register_buffer("threshold_", torch.tensor(float(threshold)))
         self._head: tuple[nn.Linear, ...] = ()  # a plain tuple: not registered as a submodule
         self.confidence_method: ConfidenceMethod = confidence_method
+        self.sparse_bucket: int | None = None
+        self.sparse_attention: str = "auto"
+
+    def compile_layers(self, *args, **kwargs) -> None:
+        """torch.compile every layer, dense and sparse path (`TransformerLayer.compile`, same arguments). The
+        layers are the unit: the dense path compiles without a graph break, and the routing around them (the
+        sparse layout, which tokens exit) stays eager."""
+        for layer in self.layers:
+            layer.compile(*args, **kwargs)
 
     # -- the shared head -------------------------------------------------------------------------
     def attach_head(self, head: nn.Linear) -> None:
@@ -164,22 +208,23 @@ class LEGOBlock(nn.Module):
             flat_index = torch.arange(batch * seq_len, device=h.device)
             x_active = x.reshape(batch * seq_len, dim)
         else:
-            layout = SparseLayout.from_mask(active)
+            layout = self.sparse_layout(active)
             flat_index = layout.flat_index
             h_flat = h.reshape(batch * seq_len, dim)
-            x_active = h_flat.index_select(0, flat_index)
+            x_rows = h_flat.index_select(0, layout.gather_index)
             x_all = h
             for i, layer in enumerate(self.layers):
                 if i > 0:  # refresh the active rows; kept rows stay exactly h
-                    x_all = h_flat.index_copy(0, flat_index, x_active).view(batch, seq_len, dim)
-                x_active = layer.forward_sparse(x_all, x_active, layout, self.rope)
+                    x_all = h_flat.index_copy(0, flat_index, layout.unpad(x_rows)).view(batch, seq_len, dim)
+                x_rows = layer.forward_sparse(x_all, x_rows, layout, self.rope)
+            x_active = layout.unpad(x_rows)
             hidden = h_flat.index_copy(0, flat_index, x_active).view(batch, seq_len, dim)
 
         normed = self.norm_out(x_active)
         # The classifier reads a detached copy: its BCE loss teaches it to judge the block, never
         # bends the block's representation toward being easy to judge.
         exit_logit_active = self.exit_classifier(normed.detach()).squeeze(-1)
-        exit_logit = h.new_zeros(batch * seq_len).index_copy(0, flat_index, exit_logit_active)
+        exit_logit = h.new_zeros(batch * seq_len).index_copy(0, flat_index, exit_logit_active.to(h.dtype))
         exit_logit = exit_logit.view(batch, seq_len)
         all_logits = None
         if self.confidence_method == "learned":
@@ -187,8 +232,9 @@ class LEGOBlock(nn.Module):
         else:  # judged from the block's own distribution, so every active token needs its logits
             all_logits = self.head(normed)
             conf_active = logit_confidence(all_logits.detach(), self.confidence_method)
-            confidence = h.new_zeros(batch * seq_len).index_copy(0, flat_index, conf_active).view(batch, seq_len)
-        should_exit = (confidence >= self.threshold) & active
+            confidence = h.new_zeros(batch * seq_len).index_copy(0, flat_index, conf_active.to(h.dtype))
+            confidence = confidence.view(batch, seq_len)
+        should_exit = (confidence >= self.threshold_) & active  # the buffer, not `threshold`: no host sync
 
         if logits_for == "active":
             logits_index, logits = flat_index, all_logits if all_logits is not None else self.head(normed)
@@ -201,6 +247,13 @@ class LEGOBlock(nn.Module):
         else:
             logits_index, logits = flat_index[:0], normed.new_zeros(0, self.head.out_features)
         return BlockOutput(hidden, logits, logits_index, exit_logit, confidence, should_exit, active)
+
+    def sparse_layout(self, active: Tensor) -> SparseLayout:
+        """The layout of a sparse call, padded and with the attention kernel `sparse_path` gives its device."""
+        bucket, attention = sparse_path(
+            active.device.type, bool(self.moe_ffns), self.sparse_bucket, self.sparse_attention
+        )
+        return SparseLayout.from_mask(active, bucket, attention)
 
     def _idle_output(self, h: Tensor, active: Tensor) -> BlockOutput:
         """No active token: the block is not run at all."""
@@ -383,7 +436,7 @@ class LEGOTransformer(nn.Module):
         """
         batch, seq_len = x.shape
         h = self.embedding(x)
-        logits = h.new_zeros(batch * seq_len, self.vocab_size)
+        logits: Tensor | None = None  # in the head's dtype (bfloat16 under autocast), made at the first block
         exit_block = torch.full((batch, seq_len), len(self.blocks) - 1, dtype=torch.long, device=x.device)
         remaining: Tensor | None = None  # None = every token (the dense fast path)
         exit_counts, active_counts, mean_conf, confidences = [], [], [], []
@@ -396,6 +449,8 @@ class LEGOTransformer(nn.Module):
                 confidences.append(h.new_zeros(0))
                 continue
             out = block.run(h, remaining, logits_for="active" if last else "exit")
+            if logits is None:
+                logits = out.logits.new_zeros(batch * seq_len, self.vocab_size)
             logits.index_copy_(0, out.logits_index, out.logits)
             exits = out.active if last else out.should_exit
             if not last:

@@ -7,8 +7,10 @@ every token goes through. The style follows torchtitan's `models/moe`:
 * Experts are SwiGLUs whose weights are stacked `(experts, in, out)` tensors (`GroupedExperts`). Tokens are
   sorted by expert and computed with two `torch._grouped_mm` calls (one matrix multiply per expert, one
   kernel launch), or with a plain per-expert loop, the reference and the fallback wherever grouped_mm
-  cannot run: float64, widths whose rows are not a multiple of 16 bytes (it requires that), or a CUDA
-  dtype other than bfloat16.
+  cannot run: float64, widths whose rows are not a multiple of 16 bytes (it requires that), or on CUDA
+  anything but bfloat16 (float32 under bfloat16 autocast is cast to it, as autocast casts a linear; the op
+  has no autocast kernel). On CUDA each expert's rows start at a multiple of 16 bytes' worth of rows (8 in
+  bfloat16): the weight gradient contracts over the rows, group by group, and its kernel needs aligned groups.
 * Load balancing, `MoEConfig.balance`:
   - "aux_loss": the Switch/OLMoE auxiliary loss `E * sum_e f_e * P_e` (share of routed slots `f`, mean
     normalized score `P`), which the trainer adds to its loss through `aux_loss`;
@@ -125,19 +127,56 @@ class MoEStats:
         }  # fmt: skip
 
 
-def grouped_mm_supported(x: Tensor, *weights: Tensor) -> bool:
-    """Whether `torch._grouped_mm` runs these operands: float32/bfloat16/float16 on the CPU (bfloat16 only on
-    CUDA), every row of every operand a multiple of 16 bytes long (its stride requirement)."""
-    if x.device.type == "cuda":
-        dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)
-    elif x.device.type == "cpu":
-        dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    else:
-        return False
-    if x.dtype not in dtypes or any(w.dtype != x.dtype for w in weights):
-        return False
+def grouped_mm_dtype(
+    device_type: str, dtype: torch.dtype, autocast_dtype: torch.dtype | None = None
+) -> torch.dtype | None:
+    """The dtype `torch._grouped_mm` computes experts in for inputs of `dtype`, or None where it has no kernel
+    (then the loop): on the CPU float32/bfloat16/float16 as they are; on CUDA bfloat16 only, which float32
+    inputs become under bfloat16 autocast (`autocast_dtype`)."""
+    if device_type == "cpu":
+        return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else None
+    if device_type == "cuda":
+        compute = autocast_dtype if dtype == torch.float32 and autocast_dtype is not None else dtype
+        return compute if compute == torch.bfloat16 else None
+    return None
+
+
+def group_alignment(device_type: str, dtype: torch.dtype) -> int:
+    """The row multiple each expert's group starts at: 16 bytes' worth on CUDA, 1 (no padding) on the CPU."""
+    return 16 // dtype.itemsize if device_type == "cuda" else 1
+
+
+def _grouped_dtype(x: Tensor, weights: tuple[Tensor, ...]) -> torch.dtype | None:
+    """`grouped_mm_dtype` for these operands (autocast read from the current context), None when any row of
+    an operand would not be a multiple of 16 bytes long (its stride requirement)."""
+    device = x.device.type
+    autocast = torch.get_autocast_dtype(device) if device == "cuda" and torch.is_autocast_enabled(device) else None
+    dtype = grouped_mm_dtype(device, x.dtype, autocast)
     widths = [x.shape[-1], *(w.shape[-1] for w in weights), *(w.shape[-2] for w in weights)]
-    return all(width * x.element_size() % 16 == 0 for width in widths)
+    if dtype is None or any(width * dtype.itemsize % 16 for width in widths):
+        return None
+    return dtype
+
+
+def grouped_mm_supported(x: Tensor, *weights: Tensor) -> bool:
+    """Whether `GroupedExperts` computes these operands with `torch._grouped_mm` (see `grouped_mm_dtype`)."""
+    return _grouped_dtype(x, weights) is not None
+
+
+def aligned_groups(counts: Tensor, n_rows: int, align: int) -> tuple[Tensor, Tensor, int]:
+    """Groups of `counts[e]` rows (in order, `n_rows` in all) moved to start at multiples of `align` in a
+    zero-padded buffer: (each row's index in it, the group end offsets as int32, the buffer's row count). The
+    buffer holds n_rows + experts * (align - 1) rows, a bound known without a host sync; the last group runs
+    to its end, so every row belongs to a group (the padding rows are zeros: they add nothing to a gradient)."""
+    experts = len(counts)
+    padded = (counts + align - 1) // align * align
+    ends = padded.cumsum(0)
+    shift = (ends - padded) - (counts.cumsum(0) - counts)  # each group's start in the buffer minus its start
+    expert_of_row = torch.repeat_interleave(torch.arange(experts, device=counts.device), counts, output_size=n_rows)
+    rows = torch.arange(n_rows, device=counts.device) + shift.index_select(0, expert_of_row)
+    size = n_rows + experts * (align - 1)
+    offsets = torch.cat([ends[:-1], ends.new_full((1,), size)]).to(torch.int32)
+    return rows, offsets, size
 
 
 class GroupedExperts(nn.Module):
@@ -159,14 +198,24 @@ class GroupedExperts(nn.Module):
     def forward(self, x: Tensor, counts: Tensor, grouped: bool = True) -> Tensor:
         """x: (slots, dim) sorted by expert, `counts[e]` rows for expert e. Grouped matrix multiplies where
         supported and asked for, else the per-expert loop."""
-        if grouped and grouped_mm_supported(x, self.w_gate_up, self.w_down):
-            return self.forward_grouped(x, counts)
-        return self.forward_loop(x, counts)
+        dtype = _grouped_dtype(x, (self.w_gate_up, self.w_down)) if grouped else None
+        if dtype is None:
+            return self.forward_loop(x, counts)
+        return self.forward_grouped(x, counts, dtype, group_alignment(x.device.type, dtype))
 
-    def forward_grouped(self, x: Tensor, counts: Tensor) -> Tensor:
-        offsets = counts.cumsum(0).to(torch.int32)
-        hidden = swiglu(torch._grouped_mm(x, self.w_gate_up, offs=offsets))
-        return torch._grouped_mm(hidden, self.w_down, offs=offsets)
+    def forward_grouped(self, x: Tensor, counts: Tensor, dtype: torch.dtype | None = None, align: int = 1) -> Tensor:
+        """Two `torch._grouped_mm` calls in `dtype` (default x's; operands cast to it), each expert's rows
+        starting at a multiple of `align` (`aligned_groups`). The output is in `dtype`."""
+        dtype = dtype or x.dtype
+        x, w_gate_up, w_down = x.to(dtype), self.w_gate_up.to(dtype), self.w_down.to(dtype)
+        rows = None
+        if align == 1:
+            offsets = counts.cumsum(0).to(torch.int32)
+        else:
+            rows, offsets, size = aligned_groups(counts, len(x), align)
+            x = x.new_zeros(size, x.shape[-1]).index_copy(0, rows, x)
+        out = torch._grouped_mm(swiglu(torch._grouped_mm(x, w_gate_up, offs=offsets)), w_down, offs=offsets)
+        return out if rows is None else out.index_select(0, rows)
 
     def forward_loop(self, x: Tensor, counts: Tensor) -> Tensor:
         """One plain matrix multiply pair per expert that got tokens (the reference). `unbind`, not `w[e]`: the
