@@ -6,7 +6,6 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-import experiments.universal_trainer  # noqa: F401  (registers method=universal)
 from lego.pipeline.config import exit_on_unknown_override_keys, register_configs
 from lego.pipeline.job_log import hydra_job_log, mirror_output
 from lego.pipeline.runner import main as run_main

@@ -29,8 +29,11 @@ import torch
 from experiments.bench_common import median_seconds
 from lego import FitConfig, LEGOConfig, LEGOTransformer, TrainingData
 from lego.data import DataConfig, TokenizerConfig, prepare_data
-from lego.fitting import DUMP_DTYPES, _propagate_to_file, propagate, route, select_hard
+from lego.fitting import DUMP_DTYPES
 from lego.pipeline.evaluation import evaluate_routed
+from lego.training.propagation import propagate, propagate_to_file
+from lego.training.routing import route
+from lego.training.selection import select_hard
 from lego.training_data import load_within_budget
 
 HARD_RATIO = 0.5
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
             if point == "none":
                 propagate(block0, train, embedding, 64)
             else:
-                _propagate_to_file(block0, train, embedding, 64, paths[point], pick_hard, DUMP_DTYPES[point])
+                propagate_to_file(block0, train, embedding, 64, paths[point], pick_hard, DUMP_DTYPES[point])
 
         collect_seconds = median_seconds(["float32", "bfloat16", "none"], collect, args.repeats)
         dumps = {dtype: load_within_budget(path, None) for dtype, path in paths.items()}

@@ -17,7 +17,8 @@ import torch
 
 from experiments.bench_common import median_seconds, random_mask, size_parser
 from lego import FitConfig, LEGOBlock, TrainingData
-from lego.fitting import make_optimizer, train_step
+from lego.fitting import train_step
+from lego.training.optim import adamw, param_groups
 
 RATIOS = (1.0, 0.7, 0.5, 0.3, 0.1)
 TARGET = 1.10
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     block = LEGOBlock(args.dim, args.heads, args.layers, max_seq_len=args.seq)
     block.attach_head(torch.nn.Linear(args.dim, args.vocab, bias=False).requires_grad_(False))  # frozen, as for k > 0
     config, device = FitConfig(lr=1e-4), torch.device("cpu")
-    optimizer = make_optimizer([block], config)  # what fit_block uses
+    optimizer = adamw(param_groups([block], config.weight_decay), config.lr, (config.beta1, config.beta2))  # the loop's
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(args.batch, args.seq, args.dim, generator=gen)
     targets = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen)

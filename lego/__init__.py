@@ -1,6 +1,7 @@
 """LEGO: block-by-block pre-training of transformer LMs with TRUE token-level early exit.
 
-Model code (this package's top level) depends on torch and safetensors only.
+Model code (this package's top level, the block-training loop `lego.training` and the methods on it: `lego.fitting`,
+LEGO's own, and `lego.methods`) depends on torch, numpy and safetensors only.
 """
 
 from lego.fitting import FitConfig, FitStats

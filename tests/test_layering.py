@@ -1,5 +1,6 @@
 """The package's layers point one way, read from the source (every import, lazy and TYPE_CHECKING ones too):
-model code (torch, numpy, safetensors) <- data <- shared run metadata and plotting helpers (lego.common) <- the
+model code (torch, numpy, safetensors: the top level, the shared training loop `lego.training` and the methods on
+it, `lego.methods`) <- data <- shared run metadata and plotting helpers (lego.common) <- the
 pipeline <- the report <- the entry points (train.py, experiments/). README's Layout section draws the same."""
 
 import ast
@@ -11,7 +12,12 @@ import pytest
 from tests.launch import REPO
 
 LEGO = REPO / "lego"
-MODEL_CODE = {"lego", *(f"lego.{path.stem}" for path in LEGO.glob("*.py") if path.stem != "__init__")}
+# the package's top level, the training loop every method shares and the methods on it (`LEGOBlock.fit` runs one)
+TRAINING = [path for package in ("training", "methods") for path in (LEGO / package).glob("*.py")]
+MODEL_CODE = {
+    "lego", *(f"lego.{path.stem}" for path in LEGO.glob("*.py") if path.stem != "__init__"),
+    *(f"lego.{path.parent.name}" + ("" if path.stem == "__init__" else f".{path.stem}") for path in TRAINING),
+}  # fmt: skip
 UTILITIES = {"lego.errors", "lego.atomic"}  # model-layer modules without torch that every layer may use
 
 

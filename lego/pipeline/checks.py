@@ -49,7 +49,7 @@ def warn_small_splits(summary: dict, data: DataConfig) -> None:
 
 def warn_long_warmup(label: str, key: str, warmup_steps: int, steps: int) -> None:
     """Before a stage trains: its warm-up is longer than the stage, so the learning rate never reaches its peak
-    (`lego.fitting.lr_schedule`) and the cosine decay never starts. `key` is the stage's config node."""
+    (`lego.training.optim.lr_schedule`) and the cosine decay never starts. `key` is the stage's config node."""
     if warmup_steps > steps:
         warn(
             f"{label} trains {steps:,} step{'s' * (steps != 1)} but warms up over {warmup_steps:,} "

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from lego.common.runmeta import is_result_neutral
 from lego.data import DataConfig, TokenizerConfig
 from lego.errors import ConfigError, check_one_of
-from lego.fitting import DUMP_DTYPES, FitConfig
+from lego.fitting import DUMP_DTYPES, FitConfig, StageTraining
 from lego.model import LEGOConfig
 from lego.moe import MoEConfig
 from lego.pipeline.config_help import format_config_groups
@@ -67,21 +67,11 @@ class ModelConf:
 
 
 @dataclass
-class StageConf:
-    """One block of the schedule: its depth and how its stage trains (every field but `layers` is the
-    `lego.fitting.FitConfig` field of the same name)."""
+class StageConf(StageTraining):
+    """One block of the schedule: its depth, its batch size and how its stage trains (`lego.fitting.StageTraining`:
+    the fields and defaults `FitConfig` has too, defined there once)."""
 
     layers: int = 2
-    epochs: int = 1
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    patience: int = 2
-    evals_per_epoch: int = 1
-    exit_loss_weight: float = 1.0
-    soft_exit_labels: bool = False
-    max_steps: int | None = None
     batch_size: int | None = None  # None: data.batch_size
 
 
@@ -153,7 +143,7 @@ class RunConfig:
     trainer: TrainerConf = field(default_factory=TrainerConf)
     wandb: WandbConf = field(default_factory=WandbConf)
     objective: ObjectiveConf = field(default_factory=ObjectiveConf)
-    method: str = "lego"  # lego (staged, block by block) | universal (joint, see experiments/universal_trainer.py)
+    method: str = "lego"  # lego (staged, block by block) | universal (joint, lego.methods.universal)
     universal: dict[str, Any] = field(default_factory=dict)  # method=universal: checked by its own schema
     experiment_name: str = "default"
     seed: int = 0
@@ -211,7 +201,7 @@ def check_known_keys(cfg: DictConfig) -> None:
 
     Hydra's `+key=value` adds a key even to a typed node, and `OmegaConf.to_object` then drops it silently, so a
     typo would train with the default. One node is free-form here: `universal` (a `dict[str, Any]`, read only by
-    `method=universal`, whose own schema, `experiments.universal.config.from_dict`, rejects unknown keys when
+    `method=universal`, whose own schema, `lego.methods.universal_config.from_dict`, rejects unknown keys when
     training starts); with any other method it must stay empty.
     """
     known: list[str] = []
@@ -397,7 +387,7 @@ def validate(run: RunConfig) -> None:
 
 def _validate_stage(key: str, stage: StageConf) -> None:
     for name in ("layers", "epochs", "evals_per_epoch", "patience"):
-        if getattr(stage, name) < 1:
+        if getattr(stage, name) is not None and getattr(stage, name) < 1:  # patience null: no early stopping
             raise ConfigError(f"{key}.{name}={getattr(stage, name)} must be at least 1")
     if stage.warmup_steps < 0:
         raise ConfigError(f"{key}.warmup_steps={stage.warmup_steps} must be 0 or more")
@@ -495,8 +485,8 @@ def fit_config(
     only partly hard, take the same number of trainable tokens per step as Block 0."""
     stage = run.block_schedule.blocks[k]
     batch_size = stage.batch_size or max(1, round(run.data.batch_size / max(active_share, 1e-6)))
-    # StageConf mirrors FitConfig's per-stage fields (same names): copy those, set the rest here.
-    shared = {f.name: getattr(stage, f.name) for f in fields(StageConf) if f.name not in ("layers", "batch_size")}
+    # the stage's own training settings (StageTraining, which FitConfig extends), the rest set here
+    shared = {f.name: getattr(stage, f.name) for f in fields(StageTraining)}
     return FitConfig(
         **shared,
         batch_size=batch_size,

@@ -1,5 +1,6 @@
-"""Held-out evaluation through TRUE early exit: PPL, accuracy, per-block exit statistics, and a threshold
-scan that turns one trained model into a PPL-vs-compute curve."""
+"""Held-out evaluation through TRUE early exit (`evaluate_routed`, from `lego.training.routing`: PPL, accuracy,
+per-block exit statistics), a threshold scan that turns one trained model into a PPL-vs-compute curve, and the
+measured speed-up."""
 
 from __future__ import annotations
 
@@ -9,77 +10,11 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from lego.fitting import calibrate_threshold, perplexity
 from lego.model import LEGOTransformer
-
-HIST_BINS = 50
-
-
-@torch.no_grad()
-def evaluate_routed(model: LEGOTransformer, windows: Tensor, batch_size: int, device: torch.device) -> dict:
-    """Run `model(x, return_stats=True)` over (n, seq + 1) token windows with the blocks' current thresholds.
-
-    Every token is scored with the logits of the block it exited at; per block we report the tokens that
-    exited there (count, rate, PPL, accuracy) and the confidences of the tokens that reached it.
-    """
-    model.eval()
-    n_blocks = len(model.blocks)
-    ce_sum, correct = [0.0] * n_blocks, [0] * n_blocks
-    exit_counts, active_counts = [0] * n_blocks, [0] * n_blocks
-    conf_sum = [0.0] * n_blocks
-    histograms = [torch.zeros(HIST_BINS, dtype=torch.long) for _ in range(n_blocks)]
-    seq_len = windows.shape[1] - 1
-    started = time.perf_counter()
-    for batch in windows.split(batch_size):
-        x, y = batch[:, :-1].to(device), batch[:, 1:].to(device)
-        logits, stats = model(x, return_stats=True)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
-        right = logits.argmax(dim=-1) == y
-        for k in range(n_blocks):
-            exited = stats.exit_block == k
-            ce_sum[k] += float(ce[exited].sum())
-            correct[k] += int(right[exited].sum())
-            exit_counts[k] += stats.exit_counts[k]
-            active_counts[k] += stats.active_counts[k]
-            conf = stats.confidences[k].float().cpu()
-            conf_sum[k] += float(conf.sum())
-            histograms[k] += torch.histc(conf, bins=HIST_BINS, min=0.0, max=1.0).long()
-    seconds = time.perf_counter() - started  # forward passes plus scoring: what a user waits for
-    total = sum(exit_counts)
-    loss = sum(ce_sum) / max(total, 1)
-    blocks = []
-    for k, block in enumerate(model.blocks):
-        n = exit_counts[k]
-        blocks.append({
-            "block": k,
-            "layers": block.num_layers,
-            "threshold": block.threshold if k < n_blocks - 1 else None,  # the last block never exits early
-            "reached": active_counts[k],
-            "exit_count": n,
-            "exit_rate": n / max(total, 1),
-            "mean_confidence": conf_sum[k] / active_counts[k] if active_counts[k] else None,
-            "ppl": perplexity(ce_sum[k] / n) if n else None,
-            "acc": correct[k] / n if n else None,
-        })  # fmt: skip
-    edges = torch.linspace(0, 1, HIST_BINS + 1).tolist()
-    return {
-        "ppl": perplexity(loss),
-        "loss": loss,
-        "acc": sum(correct) / max(total, 1),
-        "tokens": total,
-        "exit_counts": exit_counts,
-        "active_counts": active_counts,
-        "exit_rates": [n / max(total, 1) for n in exit_counts],
-        "shallow_ratio": 1.0 - exit_counts[-1] / max(total, 1),
-        "compute_cost": model.compute_cost(exit_counts),
-        "honest_cost": model.honest_cost(active_counts, seq_len),
-        "blocks": blocks,
-        "seconds": seconds,
-        "confidence_histograms": [{"edges": edges, "counts": h.tolist()} for h in histograms],
-    }
+from lego.training.routing import evaluate_routed
+from lego.training.selection import calibrate_threshold
 
 
 @torch.no_grad()
@@ -185,7 +120,7 @@ def measure_speedup(
     `on_pass` is called after each pass, so a progress bar moves through a timing that takes minutes on a busy
     machine."""
     model.eval()
-    batches = [b[:, :-1].to(device) for b in windows.split(batch_size)[:max_batches]]
+    batches = [b[:, :-1].to(device) for b in windows[: max_batches * batch_size].split(batch_size)]
     thresholds = [block.threshold for block in model.blocks]
     on_gpu = torch.device(device).type == "cuda"
     load_start = _load_average()

@@ -68,7 +68,7 @@ def load_run(run_dir: str | Path, stage: int | None = None, device: str | torch.
     if config.method != "lego":
         raise DataError(
             f"{run_dir} is a method={config.method} run; load_run rebuilds method=lego runs only (a Universal "
-            "model's routing comes from experiments.universal's config)"
+            "model's routing comes from its universal config, lego.methods.universal_config)"
         )
     stage = _pick_stage(run_dir, len(config.block_schedule.blocks), stage)
     tokenizer_path = run_dir / "tokenizer.json"

@@ -1,8 +1,8 @@
 """Training methods the runner can dispatch to by `method=<name>`.
 
-`lego` (staged, block by block) is built in. Other methods live outside the package and register
-themselves on import (`experiments/universal_trainer.py` registers `universal`; `train.py` imports it),
-so `lego` never imports `experiments`.
+Two are built in, both on the shared block-training loop (`lego.training.loop`): `lego` (staged, block by block:
+`lego.pipeline.staged`) and `universal` (every layer jointly: `lego.pipeline.universal`). Others can register
+themselves with `register_method`.
 
 A method is called as `method(run, model, train, val, run_dir, tracker)` and returns one stats dict
 per block (keys as in `stage_<k>/stats.json`: hard_ratio, hard_count, train_tokens, train_flops,
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lego.errors import ConfigError
 from lego.model import LEGOTransformer
-from lego.pipeline.config import RunConfig
+from lego.pipeline.config import METHODS, RunConfig
 from lego.pipeline.tracking import Tracker
 from lego.training_data import TrainingData
 
@@ -29,10 +29,20 @@ def register_method(name: str, method: Method) -> None:
 
 
 def get_method(name: str) -> Method:
-    if name == "lego" and name not in _METHODS:
-        from lego.pipeline.staged import train_staged
-
-        register_method("lego", lambda *args: [result.stats for result in train_staged(*args)])
+    if name not in _METHODS and name in METHODS:  # the built-in ones
+        register_method(name, _built_in(name))
     if name not in _METHODS:
-        raise ConfigError(f"method={name!r} is not available; registered: {', '.join(sorted(_METHODS)) or 'lego'}")
+        known = ", ".join(sorted({*_METHODS, *METHODS}))
+        raise ConfigError(f"method={name!r} is not available; registered: {known}")
     return _METHODS[name]
+
+
+def _built_in(name: str) -> Method:
+    """A built-in method, imported when first asked for (the runner imports only the one it runs)."""
+    if name == "universal":
+        from lego.pipeline.universal import train_from_run
+
+        return train_from_run
+    from lego.pipeline.staged import train_staged
+
+    return lambda *args: [result.stats for result in train_staged(*args)]

@@ -31,13 +31,14 @@ from torch import nn
 
 from lego import distributed
 from lego.errors import ConfigError, TrainingDiverged
-from lego.fitting import propagate, route
 from lego.model import LEGOBlock, LEGOTransformer
 from lego.pipeline.checks import warn_long_warmup
 from lego.pipeline.config import RunConfig, fit_config, hard_ratios
 from lego.pipeline.files import load_weights, read_json, save_weights, write_json
 from lego.pipeline.progress import StageProgress
 from lego.pipeline.tracking import Tracker
+from lego.training.propagation import propagate
+from lego.training.routing import route
 from lego.training_data import TrainingData, dump_bytes, exceeds_budget, load_shard, shard_path
 
 # Stage metrics measured on the stage's own tokens: from stage 1 on, the tokens the previous block passes on.

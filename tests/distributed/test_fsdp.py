@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lego import FitConfig, TrainingData
-from lego.fitting import route
 from lego.model import LEGOConfig, LEGOTransformer
+from lego.training.routing import route
 
 from .conftest import spawn_ranks
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from lego import TrainingData, distributed
-from lego.fitting import calibrate_threshold, evaluate, select_hard
 from lego.model import LEGOConfig, LEGOTransformer
+from lego.training.propagation import evaluate
+from lego.training.selection import calibrate_threshold, select_hard
 from lego.training_data import load_shard, load_within_budget, shard_path, shard_rows
 
 from .conftest import spawn_ranks

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lego.fitting import _sum_gradients
 from lego.moe import MoEConfig, MoEFeedForward
+from lego.training.loop import _sum_gradients
 
 from .conftest import spawn_ranks
 

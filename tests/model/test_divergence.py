@@ -7,7 +7,7 @@ import torch
 
 from lego import FitConfig
 from lego.errors import TrainingDiverged
-from lego.fitting import DivergenceGuard
+from lego.training.loop import DivergenceGuard
 from tests.model.test_resume import setup
 
 

@@ -5,10 +5,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lego import FitConfig, LEGOConfig, LEGOTransformer, TrainingData
-from lego.fitting import route
 from lego.layers import SparseLayout
 from lego.model import LEGOBlock
 from lego.moe import MoEConfig, MoEFeedForward, RoutingTally, grouped_mm_supported
+from lego.training.routing import route
 
 DIM = 16
 

@@ -6,7 +6,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lego import FitConfig, LEGOBlock, LEGOConfig, LEGOTransformer, TrainingData
-from lego.fitting import evaluate, propagate, route, select_hard
+from lego.training.propagation import evaluate, propagate
+from lego.training.routing import route
+from lego.training.selection import select_hard
 
 VOCAB, DIM, HEADS, SEQ = 50, 32, 4, 12
 
@@ -283,7 +285,7 @@ def test_early_stopping_restores_best_weights():
     config = FitConfig(**{**FAST, "epochs": 6}, lr=0.5, patience=1, evals_per_epoch=2)  # diverges
     _, stats = model.blocks[0].fit(small_dataset(), small_dataset(16, seed=1), config, embedding=model.embedding)
     assert stats.stopped_early
-    from lego.fitting import evaluate
+    from lego.training.propagation import evaluate
 
     restored = evaluate(model.blocks[0], small_dataset(16, seed=1), model.embedding, 16)
     assert restored["ppl"] == pytest.approx(stats.best_val_ppl, rel=1e-5)

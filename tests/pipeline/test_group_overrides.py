@@ -34,8 +34,8 @@ def test_a_wrong_group_value_is_one_line_and_exit_2(tmp_path, cache_dir, overrid
     "args, message",
     [
         (["hard_ratio=[0.5,0.3]"], "to set its per_block use hard_ratio.per_block=[0.5,0.3]"),
-        (["tokenizer=4096"], "tokenizer is a config group (options: bpe, bytes, file); "
-                             "to set its vocab_size use tokenizer.vocab_size=4096"),
+        (["tokenizer=4096"], "tokenizer is a config group (options: bpe, bytes, file); to set one of its keys use "
+                             "tokenizer.vocab_size=4096 or tokenizer.max_train_chars=4096"),
         (["model=256"], "to set one of its keys use model.dim=256 or model.num_heads=256 or model.hidden_dim=256"),
         (["wandb=false"], "wandb is a config group (options: disabled, offline, online); pick one of its options"),
         (["moe=null"], "moe is a config group (options: e8_top2_aux, e8_top2_bias); to select none of them use ~moe"),

@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from experiments.universal.config import from_dict
 from experiments.universal_trainer import PRESETS, UniversalConfig
 from lego.errors import ConfigError
+from lego.methods.universal_config import from_dict
 
 
 def test_presets_for_three_layers():

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from experiments.universal.trainer import run_layers
 from experiments.universal_trainer import UniversalConfig
+from lego.methods.universal import run_layers
 from lego.model import logit_confidence
 from tests.universal.universal_helpers import make_trainer
 

@@ -1,9 +1,21 @@
-"""UniversalTrainer: every layer trained at once on a weighted sum of per-layer LM losses, then routed with
-TRUE early exit through the core model.
+"""The Universal Training Framework as a method of the package: every layer trained at once on a weighted sum of
+per-layer LM losses, then routed with TRUE early exit through the core model.
 
-The model is the core `LEGOTransformer` with one one-layer `LEGOBlock` per layer, so layer i's logits
-(its `norm_out` + the shared head), its exit classifier and the routing all come from `lego`. Training is
-dense (every token through every layer); only inference exits early.
+    from lego.methods.universal import UniversalConfig, UniversalTrainer   # or experiments.universal_trainer
+
+    config = UniversalConfig.preset("asymmetric", routing_threshold=0.95)  # or UniversalConfig({1: .7, 3: .3})
+    trainer = UniversalTrainer(config, vocab_size=256)
+    model = trainer.create_model(dim=128, num_heads=4, num_layers=3, max_seq_len=128)
+    optimizer = trainer.create_optimizer(model, base_lr=1e-3)
+    trainer.train_epoch(model, train_windows, optimizer, epoch=0, max_epochs=1)
+    trainer.evaluate(model, test_windows)  # ppl, acc, shallow_ratio, compute_cost (TRUE early exit)
+
+The model is the core `LEGOTransformer` with one one-layer `LEGOBlock` per layer, so layer i's logits (its
+`norm_out` + the shared head), its exit classifier and the routing all come from `lego`. Training is dense (every
+token through every layer); only inference exits early. It runs the shared loop (`lego.training.loop`) like
+LEGO's stages: `JointTraining` says what it trains and what its loss is; `UniversalTrainer.train_epoch` takes
+one epoch of the loop's very updates (`Updater`) for the Python API. `lego.pipeline.universal` runs it from
+Hydra (`method=universal`).
 """
 
 from __future__ import annotations
@@ -17,14 +29,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_model
 from torch import Tensor, nn
 
-from experiments.universal.config import UniversalConfig
-from lego.fitting import param_groups, perplexity, token_losses
+from lego.methods.universal_config import PRESETS, AlphaSchedule, UniversalConfig
 from lego.model import BlockOutput, LEGOConfig, LEGOTransformer
-from lego.pipeline.evaluation import evaluate_routed
-from lego.pipeline.files import load_weights
+from lego.moe import MoEFeedForward
+from lego.training.loop import LoopConfig, Period, Step, Updater
+from lego.training.optim import adamw, param_groups
+from lego.training.propagation import perplexity, token_losses
+from lego.training.routing import evaluate_routed
 from lego.training_data import TrainingData
+
+__all__ = [
+    "PRESETS", "AlphaSchedule", "JointTraining", "LossParts", "UniversalConfig", "UniversalTrainer",
+    "distillation_loss", "run_layers",
+]  # fmt: skip
 
 
 @dataclass
@@ -63,19 +83,19 @@ class UniversalTrainer:
             raise ValueError("Universal numbers layers: give the model one-layer blocks (layers_per_block=[1]*N)")
         self.config.check_layers(len(model.blocks))
         teacher = self.config.teacher
-        if isinstance(teacher, (str, Path)):  # a checkpoint of this architecture
+        if isinstance(teacher, (str, Path)):  # a model.safetensors of this architecture
             loaded = copy.deepcopy(model)
-            load_weights(loaded, Path(teacher))
+            load_model(loaded, str(teacher))
             teacher = loaded
         if teacher is not None:
             self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.configure_routing(model)
 
-    def create_optimizer(self, model: LEGOTransformer, base_lr: float = 1e-3) -> torch.optim.AdamW:
-        """AdamW with parameter groups per layer (`lr = base_lr * layer_lr_scales[i]`, default 1) and for the
-        embedding and the (tied) head at `base_lr`. Weight decay and the fused kernel as in LEGO's own training
-        (`lego.fitting.param_groups`: matrices only, not norms or biases), so that the Standard preset and a
-        one-block LEGO run train the same dense model the same way."""
+    def param_groups(self, model: LEGOTransformer, base_lr: float) -> list[dict]:
+        """Parameter groups per layer (`lr = base_lr * layer_lr_scales[i]`, default 1) and for the embedding and the
+        (tied) head at `base_lr`, the last group. Weight decay as in LEGO's own training (`param_groups`: matrices
+        only, not norms or biases), so that the Standard preset and a one-block LEGO run train the same dense model
+        the same way."""
         scales = self.config.layer_lr_scales or {}
         groups = []
         for i, block in enumerate(model.blocks, start=1):
@@ -83,7 +103,12 @@ class UniversalTrainer:
                 groups.append({**group, "lr": base_lr * scales.get(i, 1.0), "layer": i})
         for group in param_groups([model.embedding, model.head], self.config.weight_decay):
             groups.append({**group, "lr": base_lr, "layer": 0})
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=base_lr, betas=(0.9, 0.95), fused=True)
+        return [g for g in groups if g["params"]]
+
+    def create_optimizer(self, model: LEGOTransformer, base_lr: float = 1e-3) -> torch.optim.AdamW:
+        """AdamW over `param_groups`, with the fused kernel, as the shared loop builds it."""
+        defaults = LoopConfig()
+        return adamw(self.param_groups(model, base_lr), base_lr, (defaults.beta1, defaults.beta2))
 
     # -- routing ---------------------------------------------------------------------------------
     def configure_routing(self, model: LEGOTransformer) -> None:
@@ -125,7 +150,7 @@ class UniversalTrainer:
             ce, right = token_losses(out, y)
             layer_losses[i] = ce.mean()
             if self.config.confidence_method == "learned" and i in self.config.exit_layers:
-                # As lego.fitting: "is this layer's argmax right?", on the classifier's detached input.
+                # As LEGO's stages (lego.fitting): "is this layer's argmax right?", on the classifier's detached input.
                 exit_logit = out.exit_logit.reshape(-1).index_select(0, out.logits_index)
                 exit_loss = exit_loss + F.binary_cross_entropy_with_logits(exit_logit.float(), right.float())
         task = sum((w * layer_losses[i] for i, w in weights.items() if w > 0), zero)
@@ -176,36 +201,29 @@ class UniversalTrainer:
         max_steps: int | None = None,
         callback: Callable[[dict], None] | None = None,
     ) -> dict:
-        """One shuffled pass over `data` (a TrainingData or (n, seq + 1) token windows). `callback` gets a
-        "step" event per step; `max_steps` stops the epoch early. Returns the token-weighted mean losses."""
-        data = as_training_data(data)
-        weights = self.layer_weights(epoch, max_epochs, len(model.blocks))
+        """One shuffled pass over `data` (a TrainingData or (n, seq + 1) token windows), each step the shared
+        loop's update (`Updater`: the exit classifiers clipped on their own). `callback` gets a "step" event per
+        step; `max_steps` stops the epoch early. Returns the token-weighted mean losses."""
+        method = JointTraining(self, model, as_training_data(data), None, max_epochs)
+        update = Updater(optimizer, scheduler, method.blocks, grad_clip)
         generator = torch.Generator().manual_seed(seed * 1000 + epoch)
         model.train()
         sums: dict[str, float] = {}
         tokens = steps = 0
-        for batch in data.batches(batch_size, shuffle=True, generator=generator):
+        for batch in method.train.batches(batch_size, shuffle=True, generator=generator):
             if max_steps is not None and steps >= max_steps:
                 break
-            parts = self.compute_loss(model, batch.input_ids.to(self.device), batch.targets.to(self.device), weights)
-            optimizer.zero_grad(set_to_none=True)
-            parts.total.backward()
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
-            for block in model.blocks:
-                block.update_moe_bias()  # MoE layers' aux-loss-free balancing, as in lego.fitting
-            if scheduler is not None:
-                scheduler.step()
+            step = method.step(batch, epoch)
+            grad_norm = update(step.loss)
             steps += 1
-            tokens += parts.tokens
-            terms = {"loss": parts.total.item(), "lm_loss": float(parts.task), "exit_loss": float(parts.exit)}
-            terms |= {f"layer{i}_loss": float(loss) for i, loss in parts.layer_losses.items()}
+            tokens += step.tokens
+            terms = {"loss": step.loss.item(), "lm_loss": float(step.lm_loss), "exit_loss": float(step.exit_loss)}
+            terms |= step.terms
             for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + value * parts.tokens
+                sums[key] = sums.get(key, 0.0) + value * step.tokens
             if callback:
                 callback({
-                    "kind": "step", "epoch": epoch, "tokens": parts.tokens, "grad_norm": float(grad_norm),
+                    "kind": "step", "epoch": epoch, "tokens": step.tokens, "grad_norm": float(grad_norm),
                     "lr": optimizer.param_groups[-1]["lr"], **terms,
                 })  # fmt: skip
         means = {key: value / max(tokens, 1) for key, value in sums.items()}
@@ -242,6 +260,60 @@ class UniversalTrainer:
         result = evaluate_routed(model, windows, batch_size, self.device)
         keys = ("ppl", "acc", "loss", "shallow_ratio", "compute_cost", "honest_cost", "exit_rates", "tokens")
         return {key: result[key] for key in keys}
+
+
+class JointTraining:
+    """Universal as a loop `Method`: the whole model trained on `train`'s token windows, every layer at once on
+    `UniversalTrainer.compute_loss` with this epoch's layer weights; validated per layer on `val`."""
+
+    def __init__(
+        self,
+        trainer: UniversalTrainer,
+        model: LEGOTransformer,
+        train: TrainingData,
+        val: TrainingData | None,
+        max_epochs: int,
+        eval_batch_size: int = 64,
+    ) -> None:
+        self.trainer, self.model, self.train, self.val = trainer, model, train, val
+        self.max_epochs, self.eval_batch_size = max_epochs, eval_batch_size
+        self.modules: list[nn.Module] = [model]
+        self.blocks = list(model.blocks)
+
+    def param_groups(self, config: LoopConfig) -> list[dict]:
+        return self.trainer.param_groups(self.model, config.lr)
+
+    def named_moe_ffns(self) -> dict[str, MoEFeedForward]:
+        return self.model.named_moe_ffns()
+
+    def step(self, batch: TrainingData, epoch: int) -> Step:
+        """The weighted loss of one batch, with every layer's own loss and training FLOPs (head work only on the
+        layers that get logits)."""
+        n_layers, device = len(self.blocks), self.trainer.device
+        weights = self.trainer.layer_weights(epoch, self.max_epochs, n_layers)
+        parts = self.trainer.compute_loss(self.model, batch.input_ids.to(device), batch.targets.to(device), weights)
+        logit_layers, n = self.trainer.logit_layers(n_layers, weights), parts.tokens
+        flops = [
+            3 * block.forward_flops(n, n, self.train.seq_len, n if k in logit_layers else 0)
+            for k, block in enumerate(self.blocks, start=1)
+        ]
+        terms = {f"layer{i}_loss": float(loss) for i, loss in parts.layer_losses.items()}
+        return Step(parts.total, parts.task, parts.exit, n, flops, terms)
+
+    def validate(self, period: Period) -> dict:
+        """The final layer's row (early stopping and the divergence check read it), each layer's PPL, and one
+        row per layer (`layers`): its own train loss since the last validation and its val loss/PPL/acc."""
+        metrics = self.trainer.layer_metrics(self.model, self.val, self.eval_batch_size)
+        rows = []
+        for i, layer in metrics.items():
+            train_loss = period.mean(f"layer{i}_loss")
+            rows.append({
+                "step": period.step, "epoch": period.epoch, "train_loss": train_loss,
+                "train_ppl": perplexity(train_loss), "val_loss": layer["loss"], "val_ppl": layer["ppl"],
+                "val_acc": layer["acc"],
+            })  # fmt: skip
+        final = {key: value for key, value in rows[-1].items() if key not in ("step", "epoch")}
+        return {**final, **{f"val_ppl_layer{i}": row["val_ppl"] for i, row in enumerate(rows, start=1)}, "layers": rows}
 
 
 def run_layers(model: LEGOTransformer, x: Tensor, logit_layers: set[int]) -> list[BlockOutput]:

@@ -1,4 +1,5 @@
-"""What the Universal method trains and how it routes: `UniversalConfig`, `AlphaSchedule` and the named presets.
+"""What the Universal method (`lego.methods.universal`) trains and how it routes: `UniversalConfig`,
+`AlphaSchedule` and the named presets.
 
 Layers are numbered from 1 (layer i is `model.blocks[i - 1]`, a one-layer LEGOBlock). Errors are
 `ConfigError`s naming the `universal.*` key, so the same checks serve Python users and the Hydra runner.
@@ -124,9 +125,7 @@ class UniversalConfig:
             known = {f.name for f in fields(AlphaSchedule)}
             unknown = sorted(set(self.alpha_schedule) - known)
             if unknown:
-                raise ConfigError(
-                    f"universal.alpha_schedule.{unknown[0]} is unknown; use {', '.join(sorted(known))}"
-                )
+                raise ConfigError(f"universal.alpha_schedule.{unknown[0]} is unknown; use {', '.join(sorted(known))}")
             self.alpha_schedule = AlphaSchedule(**self.alpha_schedule)
         if self.layer_weights is None and self.alpha_schedule is None:
             raise ConfigError("universal.layer_weights is missing: give weights, a preset or an alpha_schedule")
