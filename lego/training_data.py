@@ -24,7 +24,8 @@ from lego.atomic import atomic_write, reserve_space
 from lego.errors import DataError
 
 FORMAT = "lego.TrainingData/1"
-TOKEN_DTYPES = {torch.int32, torch.int64}  # token ids and targets; files hold int32
+# token ids and targets: files hold int32, token files (lego.data) uint16 or uint32
+TOKEN_DTYPES = {torch.uint16, torch.uint32, torch.int32, torch.int64}
 
 
 @dataclass
@@ -32,9 +33,10 @@ class TrainingData:
     """`hidden_states` (sequences, seq, dim) float, or `input_ids` (sequences, seq) int for Block 0;
     `targets` (sequences, seq) int; `active` (sequences, seq) bool, the tokens the next block trains on.
 
-    Token ids and targets are int64 when built from token windows and int32 when read from a file: files
-    store them as int32 (any vocabulary fits), 4 bytes per token less, and a memory-mapped file is used as
-    it is, without an int64 copy in memory. `len(data)` is the number of active tokens.
+    Token ids and targets keep the type they come in: views of the token windows when built from them (uint16 for
+    a token file), int32 when read from a file (files store int32: any vocabulary fits, 4 bytes per token less),
+    and a memory-mapped file is used as it is, without an int64 copy in memory. A selection (`select`, `batches`)
+    widens uint16 and uint32 to int64, for the embedding and the loss. `len(data)` is the number of active tokens.
     """
 
     hidden_states: Tensor | None
@@ -63,13 +65,19 @@ class TrainingData:
 
     @classmethod
     def from_windows(cls, windows: Tensor) -> TrainingData:
-        """Token windows (sequences, seq + 1) -> Block 0's data: inputs w[:, :-1], targets w[:, 1:]."""
-        windows = windows.long()
+        """Token windows (sequences, seq + 1) -> Block 0's data: inputs w[:, :-1], targets w[:, 1:].
+
+        `windows` is a tensor or a window view over a token file (`lego.data.TokenWindows`, whose `stored` tensor
+        is the file itself). Inputs and targets are views of it and the mask is a single True broadcast to every
+        token, so Block 0's data adds no memory that grows with the corpus."""
+        windows = getattr(windows, "stored", windows)
+        if windows.dtype not in TOKEN_DTYPES:
+            windows = windows.long()
         return cls(
             hidden_states=None,
-            targets=windows[:, 1:].contiguous(),
-            active=torch.ones(windows.shape[0], windows.shape[1] - 1, dtype=torch.bool),
-            input_ids=windows[:, :-1].contiguous(),
+            targets=windows[:, 1:],
+            active=torch.ones((), dtype=torch.bool).expand(windows.shape[0], windows.shape[1] - 1),
+            input_ids=windows[:, :-1],
         )
 
     # -- shape -----------------------------------------------------------------------------------
@@ -89,13 +97,18 @@ class TrainingData:
         return int(self.active.sum())
 
     def select(self, rows: Tensor) -> TrainingData:
-        """The sequences at `rows` (an index tensor or bool mask)."""
+        """The sequences at `rows` (an index tensor or bool mask), token ids narrower than int32 widened to int64."""
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
-        return TrainingData(pick(self.hidden_states), self.targets[rows], self.active[rows], pick(self.input_ids))
+        ids = lambda t: None if t is None else _widen(t[rows])  # noqa: E731
+        return TrainingData(pick(self.hidden_states), ids(self.targets), self.active[rows], ids(self.input_ids))
 
     def shard(self, rank: int, world: int) -> TrainingData:
-        """Rank `rank`'s share of the sequences: every `world`-th one, starting at `rank` (`shard_rows`)."""
-        return self if world == 1 else self.select(shard_rows(self.num_sequences, rank, world))
+        """Rank `rank`'s share of the sequences: every `world`-th one, starting at `rank` (`shard_rows`); views,
+        so a memory-mapped token file stays unread until a batch needs it."""
+        if world == 1:
+            return self
+        every = lambda t: None if t is None else t[rank::world]  # noqa: E731
+        return TrainingData(every(self.hidden_states), every(self.targets), every(self.active), every(self.input_ids))
 
     def to(self, device: torch.device | str) -> TrainingData:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -183,6 +196,11 @@ class TrainingData:
         if expected != (data.num_sequences, data.seq_len, len(data)):
             raise DataError(f"{path}: header says (sequences, seq_len, active) = {expected}, tensors disagree")
         return data
+
+
+def _widen(ids: Tensor) -> Tensor:
+    """Token ids as the embedding and the loss take them: uint16 and uint32 (a token file's) become int64."""
+    return ids.long() if ids.dtype in (torch.uint16, torch.uint32) else ids
 
 
 # -- shards: one file per rank -------------------------------------------------------------------

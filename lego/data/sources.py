@@ -1,8 +1,10 @@
-"""Corpus sources: turn a `DataConfig` into a `datasets.Dataset` of documents with one "text" column.
+"""Corpus sources: turn a `DataConfig` into a `datasets` dataset of documents with one "text" column.
 
 Every source goes through HF `datasets`, so its Arrow cache makes repeated loads cheap and its
-fingerprint identifies the documents for our own caches. The embedded Austen corpus is unpacked once
-from package data into the cache directory; nothing is downloaded unless `data.source=hf`.
+fingerprint identifies the documents for our own caches. With `data.streaming=true` the dataset is an
+`IterableDataset` read as a stream instead (no Arrow copy on disk), identified by its settings and its local
+files' sizes and times. The embedded Austen corpus is unpacked once from package data into the cache
+directory; nothing is downloaded unless `data.source=hf`.
 """
 
 import contextlib
@@ -16,7 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 
+from lego.data.cache import cache_key
 from lego.data.config import DataConfig
 from lego.errors import DataError
 
@@ -33,22 +37,65 @@ _FORMAT_BY_EXTENSION = {
 }
 
 
-def load_documents(data: DataConfig, cache_dir: Path, *, progress: bool = True) -> datasets.Dataset:
-    """Load the configured corpus as a Dataset with a single string column "text", one row per document."""
+Documents = datasets.Dataset | datasets.IterableDataset
+
+
+def load_documents(data: DataConfig, cache_dir: Path, *, progress: bool = True) -> tuple[Documents, str]:
+    """Load the configured corpus as a dataset with a single string column "text", one row per document, and
+    the fingerprint that identifies its content for our caches."""
     hf_cache = str(cache_dir / "datasets")
     with _progress_bars(progress):
         if data.source == "austen":
             files = _unpack_austen(cache_dir)
-            ds = _load_files("text", files, hf_cache)
-            return _text_column(ds, "text", "data.source")
-        if data.source == "text_files":
+            ds = _text_column(_load_files("text", files, hf_cache, data.streaming), "text", "data.source")
+        elif data.source == "text_files":
             files = [f for f in _resolve_files(data.files) if os.path.getsize(f) > 0]  # no documents in them
             if not files:
                 raise DataError("the corpus is empty: every file in data.files is empty")
             builder = data.format if data.format != "auto" else _detect_format(files)
-            ds = _load_files(builder, files, hf_cache)
-            return _text_column(ds, "text" if builder == "text" else data.text_column, "data.files")
-        return _text_column(_load_hub(data, hf_cache), data.text_column, "data.name")
+            ds = _load_files(builder, files, hf_cache, data.streaming)
+            ds = _text_column(ds, "text" if builder == "text" else data.text_column, "data.files")
+        else:
+            files = _local_files(data.files)
+            ds = _text_column(_load_hub(data, files, hf_cache), data.text_column, "data.name")
+    return ds, _fingerprint(ds, data, files)
+
+
+def iter_texts(documents: Documents, batch_size: int = 1000) -> Iterator[str | None]:
+    """The documents' texts in order, read a batch of rows at a time: never the whole corpus in memory."""
+    with _reading():
+        for batch in documents.iter(batch_size=batch_size):
+            yield from batch["text"]
+
+
+@contextlib.contextmanager
+def _reading() -> Iterator[None]:
+    """Errors of the rows read inside as one-line DataErrors: json and parquet readers let invalid UTF-8 through to
+    here, and a stream reads its files only when iterated."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as e:
+        bad_text = next((c for c in _causes(e) if isinstance(c, UnicodeDecodeError)), None)
+        if bad_text is not None:
+            raise DataError(
+                f"the corpus contains text that is not valid UTF-8 ({bad_text.reason} at byte {bad_text.start} of "
+                "a row); convert or remove the offending file in data.files"
+            ) from e
+        raise DataError(
+            f"could not read the corpus: {_reason(list(_causes(e))[-1])}; check data.files or data.format"
+        ) from e
+
+
+def _fingerprint(ds: Documents, data: DataConfig, files: list[str]) -> str:
+    """`datasets`' own fingerprint of a loaded dataset (how it identifies the content in its cache); a stream has
+    none, so it is named by its settings and every local file's path, size and modification time."""
+    if isinstance(ds, datasets.Dataset):
+        return ds._fingerprint
+    stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    settings = (data.source, data.name, data.config_name, data.split, data.format, data.text_column, data.files)
+    return cache_key("stream", *settings, stats)
 
 
 def _unpack_austen(cache_dir: Path) -> list[str]:
@@ -95,11 +142,20 @@ def _detect_format(files: list[str]) -> str:
     return formats.pop()
 
 
-def _load_files(builder: str, files: list[str], hf_cache: str) -> datasets.Dataset:
+def _local_files(patterns: list[str]) -> list[str]:
+    """data.files of a hub dataset: the patterns that match local files, resolved (the others name files in the
+    dataset's repository and go to `datasets` as they are)."""
+    local = [p for p in patterns if glob.glob(os.path.expanduser(p), recursive=True)]
+    return _resolve_files(local) if local == patterns else []
+
+
+def _load_files(builder: str, files: list[str], hf_cache: str, streaming: bool) -> Documents:
     """Load local files with a packaged `datasets` builder; a whole .txt file is one document."""
     kwargs = {"sample_by": "document"} if builder == "text" else {}
     try:
-        return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=hf_cache, **kwargs)
+        return datasets.load_dataset(
+            builder, data_files=files, split="train", cache_dir=hf_cache, streaming=streaming, **kwargs
+        )
     except Exception as e:  # datasets wraps reader errors in several exception types
         if any(isinstance(c, UnicodeDecodeError) for c in _causes(e)):
             bad = next((f for f in files if not _is_utf8(f)), files[0])
@@ -110,9 +166,16 @@ def _load_files(builder: str, files: list[str], hf_cache: str) -> datasets.Datas
         ) from e
 
 
-def _load_hub(data: DataConfig, hf_cache: str) -> datasets.Dataset:
+def _load_hub(data: DataConfig, files: list[str], hf_cache: str) -> Documents:
     try:
-        return datasets.load_dataset(data.name, data.config_name, split=data.split, cache_dir=hf_cache)
+        return datasets.load_dataset(
+            data.name,
+            data.config_name,
+            data_files=files or data.files or None,
+            split=data.split,
+            cache_dir=hf_cache,
+            streaming=data.streaming,
+        )
     except Exception as e:  # offline, unknown name, bad config or split: all mean "cannot use it"
         raise DataError(
             f"could not load hub dataset {data.name!r} (config {data.config_name!r}, split "
@@ -121,23 +184,35 @@ def _load_hub(data: DataConfig, hf_cache: str) -> datasets.Dataset:
         ) from e
 
 
-def _text_column(ds: datasets.Dataset, column: str, key: str) -> datasets.Dataset:
+def _text_column(ds: Documents, column: str, key: str) -> Documents:
     """Keep only the text column, named "text", after checking it exists and holds strings."""
-    if len(ds) == 0:
+    features = _features(ds)
+    if features is None:
         raise DataError(f"the corpus is empty (0 rows); check {key}")
-    if column not in ds.column_names:
+    if column not in features:
         raise DataError(
             f"data.text_column={column!r} is not a column of the corpus (columns: "
-            f"{', '.join(ds.column_names)}); set data.text_column"
+            f"{', '.join(features)}); set data.text_column"
         )
-    dtype = getattr(ds.features[column], "dtype", None)
+    dtype = getattr(features[column], "dtype", None)
     if dtype not in ("string", "large_string"):
         raise DataError(
-            f"data.text_column={column!r} holds {ds.features[column]}, not text; "
-            "set data.text_column to a string column"
+            f"data.text_column={column!r} holds {features[column]}, not text; set data.text_column to a string column"
         )
     ds = ds.select_columns([column])
     return ds if column == "text" else ds.rename_column(column, "text")
+
+
+def _features(ds: Documents) -> datasets.Features | None:
+    """The columns and their types, None when there are no rows; a stream that does not declare them (the text
+    builder's) shows them in its first row."""
+    if isinstance(ds, datasets.Dataset):
+        return ds.features if len(ds) else None
+    if ds.features is not None:
+        return ds.features
+    with _reading():
+        first = next(iter(ds), None)
+    return None if first is None else datasets.Features.from_arrow_schema(pa.Table.from_pylist([first]).schema)
 
 
 def _is_utf8(file: str) -> bool:

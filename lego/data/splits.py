@@ -7,7 +7,7 @@ similar size. Whole spans are then dealt to the splits by a seeded permutation: 
 contiguous and never appears in training, and the same seed always gives the same split.
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -17,11 +17,16 @@ SPLITS = ("train", "val", "test")
 
 
 def make_spans(documents: Iterable[str | None], span_chars: int) -> list[str]:
-    """Cut long documents and pack short ones into spans of roughly `span_chars` characters, in order.
+    """All of `iter_spans` as a list."""
+    return list(iter_spans(documents, span_chars))
+
+
+def iter_spans(documents: Iterable[str | None], span_chars: int) -> Iterator[str]:
+    """Cut long documents and pack short ones into spans of roughly `span_chars` characters, in order, one at a
+    time (a corpus is read as a stream); spans of whitespace only are dropped.
 
     Each document is made to end with a newline, so that spans concatenate into readable text.
     """
-    spans: list[str] = []
     packed = ""  # consecutive short documents waiting to fill a span
     for doc in documents:
         doc = doc or ""
@@ -30,15 +35,29 @@ def make_spans(documents: Iterable[str | None], span_chars: int) -> list[str]:
         if len(doc) < span_chars:
             packed += doc
             if len(packed) >= span_chars:
-                spans.append(packed)
+                yield from _kept([packed])
                 packed = ""
             continue
-        if packed:
-            spans.append(packed)
-            packed = ""
-        spans.extend(_cut(doc, span_chars))
-    if packed:
-        spans.append(packed)
+        yield from _kept([packed, *_cut(doc, span_chars)])
+        packed = ""
+    yield from _kept([packed])
+
+
+def count_spans(documents: Iterable[str | None], span_chars: int) -> tuple[int, int]:
+    """How many documents hold text and how many spans `iter_spans` cuts, in one pass over a stream."""
+    with_text = 0
+
+    def counted() -> Iterator[str | None]:
+        nonlocal with_text
+        for doc in documents:
+            with_text += bool(doc and doc.strip())
+            yield doc
+
+    spans = sum(1 for _ in iter_spans(counted(), span_chars))
+    return with_text, spans
+
+
+def _kept(spans: list[str]) -> list[str]:
     return [s for s in spans if s.strip()]
 
 
@@ -55,6 +74,15 @@ def _cut(doc: str, span_chars: int) -> list[str]:
         pieces.append(doc[start:end])
         start = end
     return pieces
+
+
+def span_labels(n_spans: int, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    """`assign_spans` as one split index per span (0 train, 1 val, 2 test: positions in SPLITS)."""
+    index = assign_spans(n_spans, val_fraction, test_fraction, seed)
+    labels = np.zeros(n_spans, dtype=np.int8)
+    for label, split in enumerate(SPLITS):
+        labels[index[split]] = label
+    return labels
 
 
 def assign_spans(n_spans: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[int]]:

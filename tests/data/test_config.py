@@ -24,6 +24,8 @@ def test_defaults_are_valid():
         ({"format": "csv"}, "data.format"),
         ({"source": "text_files"}, "data.files"),
         ({"source": "hf"}, "data.name"),
+        ({"source": "token_files"}, "data.token_files.train"),
+        ({"token_dtype": "int8"}, "data.token_dtype"),
         ({"text_column": ""}, "data.text_column"),
         ({"seq_len": 0}, "data.seq_len"),
         ({"batch_size": 0}, "data.batch_size"),
@@ -47,6 +49,7 @@ def test_bad_data_config(overrides, key):
         ({"kind": "wordpiece"}, "tokenizer.kind"),
         ({"vocab_size": 100}, "tokenizer.vocab_size"),
         ({"kind": "file"}, "tokenizer.path"),
+        ({"max_train_chars": 0}, "tokenizer.max_train_chars"),
     ],
 )
 def test_bad_tokenizer_config(overrides, key):

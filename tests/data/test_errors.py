@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-import lego.data.prepare as prepare_module
 from lego.data import DataConfig, TokenizerConfig, prepare_data
+from lego.data.tokens import TokenFileWriter
 from lego.errors import DataError
 
 
@@ -93,18 +93,28 @@ def test_missing_tokenizer_file(tmp_path, small_txt, make_data):
 
 
 def test_interrupted_run_leaves_no_cache_entry(tmp_path, small_txt, make_data, monkeypatch):
-    """A crash while tokenizing must not leave a token file that the next run would trust."""
-    real_encode = prepare_module._encode
+    """A crash while tokenizing must not leave token files that the next run would trust as complete."""
+    real_add, calls = TokenFileWriter.add, []
 
-    def encode_then_crash(tok, spans, split, progress):
-        if split == "test":
+    def add_then_crash(writer, items):
+        calls.append(1)
+        if len(calls) == 2:
             raise KeyboardInterrupt
-        return real_encode(tok, spans, split, progress)
+        real_add(writer, items)
 
-    monkeypatch.setattr(prepare_module, "_encode", encode_then_crash)
+    monkeypatch.setattr(TokenFileWriter, "add", add_then_crash)
+    data = make_data([small_txt], span_chars=200)  # many spans, so the crash is in the middle
     with pytest.raises(KeyboardInterrupt):
-        prepare_data(
-            make_data([small_txt]), TokenizerConfig(vocab_size=300), cache_dir=tmp_path, progress=False
-        )
-    assert [p.parent.name for p in tmp_path.glob("tok*/*")] == ["tokenizers"]  # complete, so kept
+        prepare_data(data, TokenizerConfig(vocab_size=300), cache_dir=tmp_path, progress=False)
+    assert [p.parent.name for p in tmp_path.glob("tokenizers/*")] == ["tokenizers"]  # complete, so kept
+    assert [p.suffix for p in (tmp_path / "tokens").iterdir() if p.is_dir()] == [".partial"]  # resumable, not done
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("content", "match"), [(b'{"text": "caf\xe9"}\n', "not valid UTF-8"), (b'{"text": 1,\n', "could not read")]
+)
+def test_a_stream_read_error_is_one_line(tmp_path, make_data, byte_tok, content, match):
+    """A stream reads its files only when iterated: a bad file is still one line naming data.files."""
+    (tmp_path / "rows.jsonl").write_bytes(content)
+    fails(make_data([tmp_path / "rows.jsonl"], streaming=True), byte_tok, tmp_path, rf"{match}.*data\.files")

@@ -15,21 +15,20 @@ from lego.data import DataConfig, TokenizerConfig, format_summary, prepare_data
 @pytest.fixture(scope="module")
 def austen(tmp_path_factory):
     """The default config, cold, exactly as a fresh install would run it (offline)."""
-    return prepare_data(
-        DataConfig(), TokenizerConfig(), cache_dir=tmp_path_factory.mktemp("cache"), progress=False
-    )
+    return prepare_data(DataConfig(), TokenizerConfig(), cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
 
 
 def test_default_corpus(austen):
     assert austen.vocab_size == 4096 == austen.tokenizer.vocab_size
     for split in ("train", "val", "test"):
         windows = getattr(austen, split)
-        assert windows.dtype == torch.int64 and windows.shape[1] == 129
-        assert windows.min() >= 0 and windows.max() < 4096
+        assert windows.stored.dtype == torch.uint16 and windows.shape[1] == 129  # the token file, as it is
+        assert windows[:2].dtype == torch.int64  # a batch
+        assert windows[:].min() >= 0 and windows[:].max() < 4096
     summary = austen.summary
     assert summary["documents"] == 6
     assert summary["tokens"]["train"] > 15 * summary["tokens"]["val"] > 0
-    assert not summary["tokens_cached"] and not summary["tokenizer_cached"]
+    assert summary["tokenized"] == "fresh" and not summary["tokenizer_cached"]
     assert "6 documents" in format_summary(summary)
     assert 100 < austen.unigram_ppl() < 4096
 
@@ -64,7 +63,7 @@ def test_splits_are_disjoint_and_tokenizer_sees_train_only(tmp_path, small_txt, 
         return {line[:10] for line in text.splitlines() if re.fullmatch(r"line \d{5}: .* dog", line)}
 
     train, val, test = (
-        line_numbers(prepared.tokenizer.decode(getattr(prepared, s).flatten().tolist()))
+        line_numbers(prepared.tokenizer.decode(getattr(prepared, s)[:].flatten().tolist()))
         for s in ("train", "val", "test")
     )
     assert train and val and test
@@ -79,29 +78,32 @@ def test_deterministic_across_cache_dirs(tmp_path, small_txt, make_data, byte_to
         for i, seed in enumerate((7, 7, 8))
     ]
     for split in ("train", "val", "test"):
-        assert torch.equal(getattr(runs[0], split), getattr(runs[1], split))
-    assert not torch.equal(runs[0].val, runs[2].val)
+        assert torch.equal(getattr(runs[0], split)[:], getattr(runs[1], split)[:])
+    assert not torch.equal(runs[0].val[:], runs[2].val[:])
 
 
 def test_cache_reuse(tmp_path, small_txt, make_data, monkeypatch):
     calls = []
     real_train_bpe = prepare_module.train_bpe
     monkeypatch.setattr(prepare_module, "train_bpe", lambda *a, **k: calls.append(1) or real_train_bpe(*a, **k))
-    real_encode = prepare_module._encode
-    monkeypatch.setattr(prepare_module, "_encode", lambda *a, **k: calls.append(2) or real_encode(*a, **k))
+    real_write = prepare_module._write_tokens
+    monkeypatch.setattr(prepare_module, "_write_tokens", lambda *a, **k: calls.append(2) or real_write(*a, **k))
     tok = TokenizerConfig(vocab_size=300)
 
     cold = prepare_data(make_data([small_txt]), tok, cache_dir=tmp_path, progress=False)
-    assert calls == [1, 2, 2, 2]
-    cached = sorted(p for p in tmp_path.rglob("*") if p.suffix in (".json", ".npz") and "datasets" not in p.parts)
-    assert [p.parent.name for p in cached] == ["tokenizers", "tokens"]
+    assert calls == [1, 2]
+    cached = sorted(p for p in tmp_path.rglob("*") if p.suffix in (".json", ".bin") and "datasets" not in p.parts)
+    assert [p.parent.name for p in cached[:1]] == ["tokenizers"]
+    assert [(p.parent.parent.name, p.name) for p in cached[1:]] == [
+        ("tokens", name) for name in ("manifest.json", "test.bin", "train.bin", "val.bin")
+    ]  # one folder of token files
     mtimes = [p.stat().st_mtime_ns for p in cached]
 
     warm = prepare_data(make_data([small_txt], seq_len=8), tok, cache_dir=tmp_path, progress=False)
-    assert calls == [1, 2, 2, 2]  # neither retrained nor re-tokenized, although seq_len changed
+    assert calls == [1, 2]  # neither retrained nor re-tokenized, although seq_len changed
     assert [p.stat().st_mtime_ns for p in cached] == mtimes
-    assert warm.summary["tokenizer_cached"] and warm.summary["tokens_cached"]
-    assert torch.equal(warm.train.flatten()[:1000], cold.train.flatten()[:1000])
+    assert warm.summary["tokenizer_cached"] and warm.summary["tokenized"] == "cached"
+    assert torch.equal(warm.train[:].flatten()[:1000], cold.train[:].flatten()[:1000])
     assert not list(tmp_path.rglob("*.tmp"))
 
 
@@ -114,9 +116,7 @@ def test_caps(tmp_path, small_txt, make_data, byte_tok):
 def test_text_file_is_one_document(tmp_path, make_data, byte_tok, numbered_lines):
     for i in range(3):
         (tmp_path / f"doc{i}.txt").write_text(numbered_lines(100), encoding="utf-8")
-    prepared = prepare_data(
-        make_data([tmp_path / "doc*.txt"]), byte_tok, cache_dir=tmp_path / "c", progress=False
-    )
+    prepared = prepare_data(make_data([tmp_path / "doc*.txt"]), byte_tok, cache_dir=tmp_path / "c", progress=False)
     assert prepared.summary["documents"] == 3
     assert sum(prepared.summary["chars"].values()) == 3 * len(numbered_lines(100))
 
@@ -127,14 +127,12 @@ def test_jsonl_with_custom_column(tmp_path, make_data, byte_tok, numbered_lines)
     data = make_data([tmp_path / "rows.jsonl"], text_column="body")
     prepared = prepare_data(data, byte_tok, cache_dir=tmp_path / "c", progress=False)
     assert prepared.summary["documents"] == 20
-    assert "line 00007" in prepared.tokenizer.decode(prepared.train.flatten().tolist())
+    assert "line 00007" in prepared.tokenizer.decode(prepared.train[:].flatten().tolist())
 
 
 def test_parquet(tmp_path, make_data, byte_tok, numbered_lines):
     datasets.Dataset.from_dict({"text": [numbered_lines(20)] * 20}).to_parquet(str(tmp_path / "rows.parquet"))
-    prepared = prepare_data(
-        make_data([tmp_path / "rows.parquet"]), byte_tok, cache_dir=tmp_path / "c", progress=False
-    )
+    prepared = prepare_data(make_data([tmp_path / "rows.parquet"]), byte_tok, cache_dir=tmp_path / "c", progress=False)
     assert prepared.summary["documents"] == 20
 
 

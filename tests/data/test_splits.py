@@ -2,7 +2,7 @@
 
 import pytest
 
-from lego.data.splits import assign_spans, make_spans
+from lego.data.splits import assign_spans, count_spans, make_spans, span_labels
 from lego.errors import DataError
 
 
@@ -12,6 +12,11 @@ def test_spans_keep_all_text_in_order(numbered_lines):
     assert "".join(spans) == "".join(d if d.endswith("\n") else d + "\n" for d in docs)
     assert all(len(s) <= 1000 for s in spans)
     assert all(s.endswith("\n") for s in spans)  # long documents are cut at line breaks
+
+
+def test_counting_a_stream_matches_its_spans(numbered_lines):
+    docs = [numbered_lines(300), "short one", "", " \n", None, numbered_lines(50)]
+    assert count_spans(iter(docs), span_chars=1000) == (3, len(make_spans(docs, span_chars=1000)))
 
 
 def test_short_documents_are_packed():
@@ -30,6 +35,13 @@ def test_assignment_is_a_disjoint_cover():
     everything = splits["train"] + splits["val"] + splits["test"]
     assert sorted(everything) == list(range(200))
     assert all(splits[s] == sorted(splits[s]) for s in splits)
+
+
+def test_labels_are_the_assignment():
+    labels = span_labels(200, 0.05, 0.1, seed=0)
+    splits = assign_spans(200, 0.05, 0.1, seed=0)
+    assert [i for i, label in enumerate(labels) if label == 2] == splits["test"]
+    assert [i for i, label in enumerate(labels) if label == 1] == splits["val"]
 
 
 def test_assignment_is_seeded():
