@@ -134,7 +134,7 @@ def run_job(job: Job, out: Path, quick: bool, threads: int | None, keep_dumps: b
     if (run_dir / "results.json").is_file():
         return f"{job.name}: done before, skipped"
     # holds the pid of the study running this job; beside the run directory, which only LEGO's own files may enter
-    lock = out / f".{job.name}.study.lock"
+    lock = run_dir.with_name(f".{run_dir.name}.study.lock")
     if lock.is_file() and _alive(int(lock.read_text() or 0)):
         return f"{job.name}: being run by process {lock.read_text()}, skipped"
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -256,7 +256,7 @@ class UniversalTrainer:
         """Routed (TRUE early exit) PPL, accuracy, shallow ratio and compute cost with this config's routing."""
         self.configure_routing(model)
         data = as_training_data(data)
-        windows = torch.cat([data.input_ids, data.targets[:, -1:]], dim=1)
+        windows = torch.cat([data.input_ids, data.targets[:, -1:]], dim=1).long()  # ids may be stored narrow
         result = evaluate_routed(model, windows, batch_size, self.device)
         keys = ("ppl", "acc", "loss", "shallow_ratio", "compute_cost", "honest_cost", "exit_rates", "tokens")
         return {key: result[key] for key in keys}
@@ -337,8 +337,8 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperatur
 
 
 def as_training_data(data: TrainingData | Tensor) -> TrainingData:
-    """TrainingData of token ids, or (n, seq + 1) token windows turned into it."""
-    data = TrainingData.from_windows(data) if isinstance(data, Tensor) else data
+    """TrainingData of token ids, or (n, seq + 1) token windows (a tensor or TokenWindows) turned into it."""
+    data = data if isinstance(data, TrainingData) else TrainingData.from_windows(data)  # a tensor or TokenWindows
     if data.input_ids is None:
         raise ValueError("Universal trains from token ids: give token windows or TrainingData.from_windows(...)")
     return data
