@@ -15,7 +15,7 @@ import re
 import sys
 import types
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,25 +35,26 @@ WANDB_MODES = ("offline", "online", "disabled")
 OBJECTIVES = ("val_ppl", "val_ppl_at_cost")
 
 
-@dataclass
-class MoEConf:
-    """`model.moe` (the `moe` config group): Mixture-of-Experts feed-forwards, `lego.moe.MoEConfig`'s fields
-    (its docstring says what each does; strings here, checked by `validate`). `num_experts: 0` (the default)
-    keeps the dense SwiGLUs; `moe=e8_top2_aux` or `model.moe.num_experts=8` turns the experts on."""
+def structured_config(schema: type, name: str, doc: str, **defaults: Any) -> type:
+    """A Hydra structured config with the fields of the model's dataclass `schema` (one schema per concept): the
+    same names, types and defaults (but `defaults`), Literal types as str, since OmegaConf types no Literal;
+    `schema`'s own checks run when the pipeline builds it from this node."""
+    hints = typing.get_type_hints(schema)
+    made = []
+    for spec in fields(schema):
+        hint = str if typing.get_origin(hints[spec.name]) is typing.Literal else hints[spec.name]
+        default = field(default=defaults[spec.name]) if spec.name in defaults else field(default=spec.default)
+        made.append((spec.name, hint, default))
+    return make_dataclass(name, made, namespace={"__doc__": doc, "__module__": __name__})
 
-    num_experts: int = 0  # 0: dense
-    top_k: int = 2
-    shared_experts: int = 0
-    expert_hidden_dim: int | None = None  # None: the dense SwiGLU width over top_k + shared_experts (same FLOPs)
-    score_func: str = "softmax"  # softmax | sigmoid
-    route_norm: bool = False
-    balance: str = "aux_loss"  # aux_loss (Switch/OLMoE) | bias (DeepSeek-V3, aux-loss-free) | none
-    aux_loss_weight: float = 0.01
-    z_loss_weight: float = 0.001
-    bias_update_rate: float = 0.001
-    capacity_factor: float | None = None  # None: no token is dropped
-    layers: str = "all"  # all | later_blocks | every_other
-    grouped_mm: bool = True
+
+MoEConf = structured_config(
+    MoEConfig, "MoEConf",
+    """`model.moe` (the `moe` config group): `lego.moe.MoEConfig`'s fields (its docstring says what each does),
+    but `num_experts: 0` by default, which keeps the dense SwiGLUs; `moe=e8_top2_aux` or `model.moe.num_experts=8`
+    turns the experts on.""",
+    num_experts=0,
+)  # fmt: skip
 
 
 @dataclass
@@ -472,7 +473,7 @@ def moe_config(conf: MoEConf) -> MoEConfig | None:
     if conf.num_experts == 0:
         return None
     try:
-        return MoEConfig(**{f.name: getattr(conf, f.name) for f in fields(MoEConf)})
+        return MoEConfig(**{f.name: getattr(conf, f.name) for f in fields(MoEConfig)})
     except ValueError as err:
         raise ConfigError(f"model.moe: {err}") from None
 
