@@ -35,16 +35,22 @@ WANDB_MODES = ("offline", "online", "disabled")
 OBJECTIVES = ("val_ppl", "val_ppl_at_cost")
 
 
-def structured_config(schema: type, name: str, doc: str, **defaults: Any) -> type:
+def structured_config(schema: type, name: str, doc: str, only: tuple[str, ...] | None = None, **defaults: Any) -> type:
     """A Hydra structured config with the fields of the model's dataclass `schema` (one schema per concept): the
-    same names, types and defaults (but `defaults`), Literal types as str, since OmegaConf types no Literal;
-    `schema`'s own checks run when the pipeline builds it from this node."""
+    same names, types and defaults (but `defaults`: a value, or a structured config class for a nested node), only
+    the fields in `only` where given, Literal types as str (OmegaConf types no Literal). `schema`'s own checks run
+    when the pipeline builds it from this node."""
     hints = typing.get_type_hints(schema)
     made = []
     for spec in fields(schema):
+        if only is not None and spec.name not in only:
+            continue
         hint = str if typing.get_origin(hints[spec.name]) is typing.Literal else hints[spec.name]
-        default = field(default=defaults[spec.name]) if spec.name in defaults else field(default=spec.default)
-        made.append((spec.name, hint, default))
+        default = defaults.get(spec.name, spec.default)
+        if isinstance(default, type):  # a nested structured config
+            made.append((spec.name, default, field(default_factory=default)))
+        else:
+            made.append((spec.name, hint, field(default=default)))
     return make_dataclass(name, made, namespace={"__doc__": doc, "__module__": __name__})
 
 
@@ -57,14 +63,12 @@ MoEConf = structured_config(
 )  # fmt: skip
 
 
-@dataclass
-class ModelConf:
-    dim: int = 256
-    num_heads: int = 4
-    hidden_dim: int | None = None  # SwiGLU width; None = 2/3 * 4 * dim rounded up to 64
-    tie_embeddings: bool = True
-    rope_base: float = 10000.0
-    moe: MoEConf = field(default_factory=MoEConf)  # num_experts 0: dense SwiGLUs; `moe=<option>` (conf/moe/)
+ModelConf = structured_config(
+    LEGOConfig, "ModelConf",
+    """`model`: `lego.model.LEGOConfig`'s fields that a config group sets (the vocabulary comes from the tokenizer,
+    the blocks' depths from `block_schedule`, the longest sequence from `data.seq_len`).""",
+    only=("dim", "num_heads", "hidden_dim", "rope_base", "tie_embeddings", "moe"), moe=MoEConf,
+)  # fmt: skip
 
 
 @dataclass
