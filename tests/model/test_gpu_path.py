@@ -11,6 +11,7 @@ from lego import layers
 from lego.layers import RMSNorm, RotaryEmbedding, SparseLayout, TransformerLayer, apply_rope, swiglu
 from lego.model import SPARSE_BUCKET, LEGOBlock, LEGOTransformer, sparse_path
 from lego.moe import GroupedExperts, aligned_groups, group_alignment, grouped_mm_dtype, grouped_mm_supported
+from tests.model.test_moe import assert_same_outputs_and_grads
 
 DIM, HEADS, SEQ = 32, 4, 64
 
@@ -229,10 +230,7 @@ def test_aligned_groups_start_at_multiples_and_give_the_unaligned_results():
     for align in (1, 8):
         out = experts.forward_grouped(x, counts, align=align)
         results.append((out, torch.autograd.grad(out, [x, *experts.parameters()], grad)))
-    (plain, plain_grads), (aligned, aligned_grads) = results
-    torch.testing.assert_close(aligned, plain)
-    for got, want in zip(aligned_grads, plain_grads, strict=True):
-        torch.testing.assert_close(got, want)
+    assert_same_outputs_and_grads(*results)
 
 
 # -- autocast ----------------------------------------------------------------------------------------------------

@@ -35,10 +35,7 @@ def test_grouped_mm_equals_loop_forward_and_gradients(config):
         assert moe.stats.load[-3:].sum() == 0
         grads = torch.autograd.grad((out * torch.linspace(-1, 1, DIM)).sum() + moe.aux_loss, [x, *moe.parameters()])
         results.append((out, grads))
-    (out_g, grads_g), (out_l, grads_l) = results
-    torch.testing.assert_close(out_g, out_l)
-    for grad_g, grad_l in zip(grads_g, grads_l, strict=True):
-        torch.testing.assert_close(grad_g, grad_l)
+    assert_same_outputs_and_grads(*results)
 
 
 @torch.no_grad()
@@ -214,3 +211,11 @@ def test_routing_tally_sums_forwards_and_counts_only_the_asked_mode():
     assert 0 < row["dropped"] < 1 and first.dropped > 0  # capacity 0.5: slots over it are dropped and reported
     assert row["imbalance"] >= 1.0 and 0 < row["entropy"] <= row["max_entropy"]
     assert len(moe._forward_hooks) == 0  # closed
+
+
+def assert_same_outputs_and_grads(first: tuple, second: tuple) -> None:
+    """Two (output, gradients) pairs of the same computation by two paths agree."""
+    (out_a, grads_a), (out_b, grads_b) = first, second
+    torch.testing.assert_close(out_a, out_b)
+    for grad_a, grad_b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(grad_a, grad_b)
