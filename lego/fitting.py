@@ -70,11 +70,18 @@ class FitConfig(LoopConfig, StageTraining):
     fsdp: bool = False  # under torch.distributed: shard the block's layers while training (`lego.sharding`)
 
     def __post_init__(self) -> None:
-        if self.hard_ratio is not None and not 0.0 < self.hard_ratio < 1.0:
-            raise ValueError(f"hard_ratio must be in (0, 1), got {self.hard_ratio}")
+        if self.hard_ratio is not None:
+            check_hard_ratio(self.hard_ratio)
         super().__post_init__()
         if self.hard_data_dtype not in DUMP_DTYPES:
             raise ValueError(f"hard_data_dtype must be one of {', '.join(DUMP_DTYPES)}, got {self.hard_data_dtype!r}")
+
+
+def check_hard_ratio(ratio: float, key: str = "hard_ratio") -> None:
+    """The one range check of a hard ratio (`FitConfig` and the pipeline's config validation both call it): a share
+    of the tokens strictly between 0 and 1; `key` names it in the error."""
+    if not (isinstance(ratio, (int, float)) and 0.0 < ratio < 1.0):
+        raise ValueError(f"{key}={ratio} must be a number in (0, 1): the share of tokens passed on as hard")
 
 
 @dataclass

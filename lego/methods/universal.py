@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model
 from torch import Tensor, nn
 
+from lego.errors import DataError
 from lego.methods.universal_config import PRESETS, AlphaSchedule, UniversalConfig
 from lego.model import BlockOutput, LEGOConfig, LEGOTransformer
 from lego.moe import MoEFeedForward
@@ -84,9 +85,7 @@ class UniversalTrainer:
         self.config.check_layers(len(model.blocks))
         teacher = self.config.teacher
         if isinstance(teacher, (str, Path)):  # a model.safetensors of this architecture
-            loaded = copy.deepcopy(model)
-            load_model(loaded, str(teacher))
-            teacher = loaded
+            teacher = load_teacher(model, Path(teacher))
         if teacher is not None:
             self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.configure_routing(model)
@@ -325,6 +324,23 @@ def run_layers(model: LEGOTransformer, x: Tensor, logit_layers: set[int]) -> lis
         h = out.hidden
         outs.append(out)
     return outs
+
+
+def load_teacher(model: LEGOTransformer, path: Path) -> LEGOTransformer:
+    """A copy of `model` with the weights of `path` (a model.safetensors of the same architecture); a missing,
+    damaged or mismatching file is one DataError naming it."""
+    if not path.is_file():
+        raise DataError(f"universal.teacher={path} does not exist; give a trained model.safetensors of this model")
+    teacher = copy.deepcopy(model)
+    try:
+        load_model(teacher, str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types; load_state_dict a RuntimeError
+        reason = " ".join(str(err).split())[:200]
+        raise DataError(
+            f"universal.teacher={path} cannot be loaded into this model ({reason}); give a model.safetensors "
+            "trained with the same model config"
+        ) from None
+    return teacher
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from lego.common.runmeta import is_result_neutral
 from lego.data import DataConfig, TokenizerConfig
 from lego.errors import ConfigError, check_one_of
-from lego.fitting import DUMP_DTYPES, FitConfig, StageTraining
+from lego.fitting import DUMP_DTYPES, FitConfig, StageTraining, check_hard_ratio
 from lego.model import LEGOConfig
 from lego.moe import MoEConfig
 from lego.pipeline.config_help import format_config_groups
@@ -383,8 +383,10 @@ def validate(run: RunConfig) -> None:
     ratios = hard_ratios(run)
     for k, ratio in enumerate(ratios):
         key = "hard_ratio.value" if run.hard_ratio.per_block is None else f"hard_ratio.per_block[{k}]"
-        check_number(key, ratio, low=0, high=1, low_open=True, high_open=True,
-                     hint="the share of tokens passed on as hard")  # fmt: skip
+        try:
+            check_hard_ratio(ratio, key)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     _validate_trainer(run.trainer)
     run.data.validate()
     run.tokenizer.validate()

@@ -74,3 +74,20 @@ def test_self_distillation_pulls_the_exit_layer_towards_the_final_one(windows):
     parts = trainer.compute_loss(model, x, y, trainer.layer_weights(0, 1, 3))
     assert float(parts.self_distill) > 0
     assert float(parts.total.detach()) == pytest.approx(float(parts.task + 0.5 * parts.self_distill), rel=1e-5)
+
+
+def test_a_teacher_file_that_is_missing_or_of_another_model_is_one_line(tmp_path):
+    from safetensors.torch import save_model
+
+    from lego.errors import DataError
+
+    trainer, model = make_trainer(UniversalConfig.preset("standard"))
+    other = trainer.create_model(dim=8, num_heads=2, num_layers=3, max_seq_len=16)  # another width
+    trainer.config.teacher = str(tmp_path / "none.safetensors")
+    with pytest.raises(DataError, match=r"universal.teacher=.*none.safetensors does not exist"):
+        trainer.prepare(model)
+    save_model(other, str(tmp_path / "other.safetensors"))
+    trainer.config.teacher = str(tmp_path / "other.safetensors")
+    with pytest.raises(DataError, match=r"cannot be loaded into this model \(.*\); give a model.safetensors") as err:
+        trainer.prepare(model)
+    assert "\n" not in str(err.value)
