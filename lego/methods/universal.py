@@ -38,6 +38,7 @@ from lego.model import BlockOutput, LEGOConfig, LEGOTransformer
 from lego.moe import MoEFeedForward
 from lego.training.loop import LoopConfig, Period, Step, Updater
 from lego.training.optim import adamw, param_groups
+from lego.training.precision import DEFAULT_PRECISION, autocast
 from lego.training.propagation import perplexity, token_losses
 from lego.training.routing import evaluate_routed
 from lego.training_data import TrainingData
@@ -59,15 +60,23 @@ class LossParts:
     distill: Tensor  # KL to the teacher
     self_distill: Tensor  # KL of the exit layers to the final layer
     tokens: int
+    layer_tokens: list[int]  # the tokens each layer ran on (fewer than `tokens` under layer dropout)
 
 
 class UniversalTrainer:
     """Builds the model and its optimizer, trains an epoch, evaluates with routing; no Hydra needed."""
 
-    def __init__(self, config: UniversalConfig, vocab_size: int, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        config: UniversalConfig,
+        vocab_size: int,
+        device: str | torch.device = "cpu",
+        precision: str = DEFAULT_PRECISION,  # every forward's (`lego.training.precision`)
+    ) -> None:
         self.config = config
         self.vocab_size = vocab_size
         self.device = torch.device(device)
+        self.precision = precision
         self.teacher: LEGOTransformer | None = None
 
     # -- model and optimizer ---------------------------------------------------------------------
@@ -137,16 +146,32 @@ class UniversalTrainer:
             layers.add(num_layers)
         return layers
 
-    def compute_loss(self, model: LEGOTransformer, x: Tensor, y: Tensor, weights: dict[int, float]) -> LossParts:
+    def kept_rows(self, batch: int, num_layers: int, step: int, device: torch.device) -> list[Tensor | None]:
+        """Per layer, the sequences of a training batch that run it under `layer_dropout` (None: all of them),
+        drawn from a generator seeded by the step, so a resumed run drops the same ones."""
+        generator = torch.Generator().manual_seed(step)
+        rows = []
+        for rate in self.config.drop_rates(num_layers):
+            keep = torch.rand(batch, generator=generator) >= rate
+            rows.append(None if rate == 0 else keep.nonzero().squeeze(1).to(device))
+        return rows
+
+    def compute_loss(
+        self, model: LEGOTransformer, x: Tensor, y: Tensor, weights: dict[int, float], step: int | None = None
+    ) -> LossParts:
+        """The joint loss of one batch; with `step` (training) each sequence skips layers as `layer_dropout` says,
+        and a layer's loss is over the sequences that ran it."""
         n = len(model.blocks)
-        with _dense_heads(model):
-            outs = run_layers(model, x, self.logit_layers(n, weights))
+        rows = self.kept_rows(x.shape[0], n, step, x.device) if step is not None else [None] * n
+        with _dense_heads(model), autocast(self.device, self.precision):
+            outs = run_layers(model, x, self.logit_layers(n, weights), rows)
         zero = x.new_zeros((), dtype=torch.float32)
         layer_losses, exit_loss = {}, zero
-        for i, out in enumerate(outs, start=1):
-            if not out.logits.numel():
+        layer_tokens = [y.numel() if kept is None else len(kept) * y.shape[1] for kept in rows]
+        for i, (out, kept) in enumerate(zip(outs, rows, strict=True), start=1):
+            if out is None or not out.logits.numel():
                 continue
-            ce, right = token_losses(out, y)
+            ce, right = token_losses(out, y if kept is None else y.index_select(0, kept))
             layer_losses[i] = ce.mean()
             if self.config.confidence_method == "learned" and i in self.config.exit_layers:
                 # As LEGO's stages (lego.fitting): "is this layer's argmax right?", on the classifier's detached input.
@@ -160,7 +185,7 @@ class UniversalTrainer:
         distill = self_distill = zero
         temperature = self.config.distillation_temperature
         if self.teacher is not None:
-            with torch.no_grad():
+            with torch.no_grad(), autocast(self.device, self.precision):
                 teacher_logits = run_layers(self.teacher, x, {n})[-1].logits
             distill = sum(
                 (
@@ -181,8 +206,9 @@ class UniversalTrainer:
         total = total + moe
         detached = {i: loss.detach() for i, loss in layer_losses.items()}
         return LossParts(
-            total, task.detach(), detached, exit_loss.detach(), distill.detach(), self_distill.detach(), y.numel()
-        )
+            total, task.detach(), detached, exit_loss.detach(), distill.detach(), self_distill.detach(), y.numel(),
+            layer_tokens,
+        )  # fmt: skip
 
     # -- training and evaluation -----------------------------------------------------------------
     def train_epoch(
@@ -236,7 +262,7 @@ class UniversalTrainer:
         model.eval()
         n = len(model.blocks)
         ce_sum, correct, count = [0.0] * n, [0] * n, 0
-        with _dense_heads(model):
+        with _dense_heads(model), autocast(self.device, self.precision):
             for batch in data.batches(batch_size):
                 y = batch.targets.to(self.device)
                 for k, out in enumerate(run_layers(model, batch.input_ids.to(self.device), set(range(1, n + 1)))):
@@ -256,7 +282,7 @@ class UniversalTrainer:
         self.configure_routing(model)
         data = as_training_data(data)
         windows = torch.cat([data.input_ids, data.targets[:, -1:]], dim=1).long()  # ids may be stored narrow
-        result = evaluate_routed(model, windows, batch_size, self.device)
+        result = evaluate_routed(model, windows, batch_size, self.device, self.precision)
         keys = ("ppl", "acc", "loss", "shallow_ratio", "compute_cost", "honest_cost", "exit_rates", "tokens")
         return {key: result[key] for key in keys}
 
@@ -273,9 +299,14 @@ class JointTraining:
         val: TrainingData | None,
         max_epochs: int,
         eval_batch_size: int = 64,
+        *,
+        seed: int = 0,
+        total_steps: int | None = None,
     ) -> None:
         self.trainer, self.model, self.train, self.val = trainer, model, train, val
         self.max_epochs, self.eval_batch_size = max_epochs, eval_batch_size
+        self.seed, self.total_steps = seed, total_steps  # layer dropout's draws; the gradual curriculum's length
+        self.steps = 0  # steps taken (the layer-dropout draws and the curriculum follow it)
         self.modules: list[nn.Module] = [model]
         self.blocks = list(model.blocks)
 
@@ -288,16 +319,23 @@ class JointTraining:
     def step(self, batch: TrainingData, epoch: int) -> Step:
         """The weighted loss of one batch, with every layer's own loss and training FLOPs (head work only on the
         layers that get logits)."""
-        n_layers, device = len(self.blocks), self.trainer.device
+        n_layers, device, config = len(self.blocks), self.trainer.device, self.trainer.config
         weights = self.trainer.layer_weights(epoch, self.max_epochs, n_layers)
-        parts = self.trainer.compute_loss(self.model, batch.input_ids.to(device), batch.targets.to(device), weights)
-        logit_layers, n = self.trainer.logit_layers(n_layers, weights), parts.tokens
+        progress = self.steps / self.total_steps if self.total_steps else 0.0
+        weights = config.curriculum(weights, self.steps, progress, n_layers)
+        dropping = config.layer_dropout > 0
+        x, y = batch.input_ids.to(device), batch.targets.to(device)
+        parts = self.trainer.compute_loss(
+            self.model, x, y, weights, step=self.seed * 1_000_003 + self.steps if dropping else None
+        )
+        self.steps += 1
+        logit_layers = self.trainer.logit_layers(n_layers, weights)
         flops = [
             3 * block.forward_flops(n, n, self.train.seq_len, n if k in logit_layers else 0)
-            for k, block in enumerate(self.blocks, start=1)
+            for k, (block, n) in enumerate(zip(self.blocks, parts.layer_tokens, strict=True), start=1)
         ]
         terms = {f"layer{i}_loss": float(loss) for i, loss in parts.layer_losses.items()}
-        return Step(parts.total, parts.task, parts.exit, n, flops, terms)
+        return Step(parts.total, parts.task, parts.exit, parts.tokens, flops, terms)
 
     def validate(self, period: Period) -> dict:
         """The final layer's row (early stopping and the divergence check read it), each layer's PPL, and one
@@ -315,13 +353,25 @@ class JointTraining:
         return {**final, **{f"val_ppl_layer{i}": row["val_ppl"] for i, row in enumerate(rows, start=1)}, "layers": rows}
 
 
-def run_layers(model: LEGOTransformer, x: Tensor, logit_layers: set[int]) -> list[BlockOutput]:
-    """Every token through every layer (dense); head work only for the layers in `logit_layers` (1-based)."""
+def run_layers(
+    model: LEGOTransformer, x: Tensor, logit_layers: set[int], kept_rows: list[Tensor | None] | None = None
+) -> list[BlockOutput | None]:
+    """Every token through every layer (dense); head work only for the layers in `logit_layers` (1-based). With
+    `kept_rows`, layer i runs only on the sequences `kept_rows[i - 1]` lists (None: all); the others pass it
+    unchanged, its output covers the kept ones (None when it kept none)."""
     h = model.embedding(x)
-    outs = []
+    outs: list[BlockOutput | None] = []
     for i, block in enumerate(model.blocks, start=1):
-        out = block.run(h, None, logits_for="active" if i in logit_layers else "none")
-        h = out.hidden
+        logits_for = "active" if i in logit_layers else "none"
+        rows = kept_rows[i - 1] if kept_rows is not None else None
+        if rows is None:
+            out = block.run(h, None, logits_for=logits_for)
+            h = out.hidden
+        elif len(rows):
+            out = block.run(h.index_select(0, rows), None, logits_for=logits_for)
+            h = h.index_copy(0, rows, out.hidden)
+        else:
+            out = None  # every sequence skipped this layer
         outs.append(out)
     return outs
 

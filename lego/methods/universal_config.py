@@ -83,10 +83,20 @@ def _l2(n: int, b: float = 0.3) -> dict[int, float]:
     return {1: 0.7, 2: b, n: 0.3}
 
 
+def _rising(n: int) -> dict[int, float]:
+    """LayerSkip's early-exit loss scale (Elhoushi et al., 2024): rising with depth, layer i's weight in proportion
+    to i, summing to 1."""
+    return {i: i / (n * (n + 1) / 2) for i in range(1, n + 1)}
+
+
 # Each preset maps the number of layers to layer_weights (missing layers weigh 0). For 3 layers:
 # standard {3: 1}, lpt {1: 1/3, 2: 1/3, 3: 1/3}, asymmetric {1: .7, 3: .3}, deep_focus {1: .3, 3: .7},
-# l2 {1: .7, 2: .3, 3: .3}.
-PRESETS = {"standard": _standard, "lpt": _lpt, "asymmetric": _asymmetric, "deep_focus": _deep_focus, "l2": _l2}
+# l2 {1: .7, 2: .3, 3: .3}, rising {1: 1/6, 2: 2/6, 3: 3/6} (conf/universal/layerskip.yaml).
+PRESETS = {
+    "standard": _standard, "lpt": _lpt, "asymmetric": _asymmetric, "deep_focus": _deep_focus, "l2": _l2,
+    "rising": _rising,
+}  # fmt: skip
+CURRICULA = ("none", "rotational", "gradual")
 
 
 @dataclass
@@ -116,6 +126,14 @@ class UniversalConfig:
     distillation_temperature: float = 1.0
     self_distillation: float = 0.0  # weight of KL(final layer -> each exit layer), final layer detached
     weight_decay: float = 0.1
+    # LayerSkip-style training (Elhoushi et al., 2024; docs/universal.md): each sequence skips layer i in training
+    # with probability layer_dropout * (2^((i-1)/(N-1)) - 1), rising with depth to layer_dropout at the last layer
+    layer_dropout: float = 0.0
+    # which layers' losses count at a step, the last layer's always: none (all), rotational (every
+    # curriculum_period-th layer, the set rotating each step) or gradual (from the last layer down, one more layer
+    # every 1/(N-1) of training)
+    exit_curriculum: str = "none"
+    curriculum_period: int = 2
 
     def __post_init__(self) -> None:
         self.layer_weights = _int_keys("layer_weights", self.layer_weights)
@@ -148,6 +166,37 @@ class UniversalConfig:
         if self.distillation_temperature <= 0 or self.self_distillation < 0 or self.exit_loss_weight < 0:
             raise ConfigError("universal: distillation_temperature must be positive, the loss weights non-negative")
         self.exit_layers = sorted(int(i) for i in self.exit_layers) if self.exit_layers else [self.exit_layer]
+        self._check_layerskip()
+
+    def _check_layerskip(self) -> None:
+        if not 0.0 <= self.layer_dropout < 1.0:
+            raise ConfigError(f"universal.layer_dropout={self.layer_dropout} must be in [0, 1), e.g. 0.2")
+        if self.layer_dropout > 0 and (self.teacher is not None or self.self_distillation > 0):
+            raise ConfigError(
+                "universal.layer_dropout works without distillation (a skipped layer has no logits to distil); "
+                "set universal.layer_dropout=0 or drop the teacher and self_distillation"
+            )
+        if self.exit_curriculum not in CURRICULA:
+            raise ConfigError(f"universal.exit_curriculum={self.exit_curriculum!r} is unknown; use one of {CURRICULA}")
+        if self.curriculum_period < 1:
+            raise ConfigError(f"universal.curriculum_period={self.curriculum_period} must be at least 1")
+
+    def drop_rates(self, num_layers: int) -> list[float]:
+        """Each layer's training skip probability: 0 for the first, rising exponentially to `layer_dropout`."""
+        if self.layer_dropout == 0 or num_layers == 1:
+            return [0.0] * num_layers
+        return [self.layer_dropout * (2 ** (k / (num_layers - 1)) - 1) for k in range(num_layers)]
+
+    def curriculum(self, weights: dict[int, float], step: int, progress: float, num_layers: int) -> dict[int, float]:
+        """`weights` with the layers the curriculum leaves out at this step (0-based) and training `progress` (in
+        [0, 1]) set to 0; the last layer's loss always counts."""
+        if self.exit_curriculum == "none":
+            return weights
+        if self.exit_curriculum == "rotational":
+            on = {i for i in range(1, num_layers) if (i - 1) % self.curriculum_period == step % self.curriculum_period}
+        else:  # gradual: the deepest layers first
+            on = set(range(num_layers - math.floor(progress * (num_layers - 1)), num_layers))
+        return {i: w if i in on or i == num_layers else 0.0 for i, w in weights.items()}
 
     def _threshold_items(self) -> list[tuple[str, float]]:
         return [(f"exit_thresholds.{i}", t) for i, t in (self.exit_thresholds or {}).items()]

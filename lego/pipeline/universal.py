@@ -40,7 +40,7 @@ def train_from_run(
 ) -> list[dict]:
     """Train `model` jointly, set its routing, and return one stats dict per block (layer)."""
     config = from_dict(run.universal, len(model.blocks))
-    trainer = UniversalTrainer(config, model.vocab_size, next(model.parameters()).device)
+    trainer = UniversalTrainer(config, model.vocab_size, next(model.parameters()).device, run.trainer.precision)
     trainer.prepare(model)
     stage_dir = run_dir / "stage_0"
     if (stage_dir / "stats.json").is_file():
@@ -55,7 +55,9 @@ def train_from_run(
     warn_long_warmup("universal training", "block_schedule.blocks[0]", stage.warmup_steps, total_steps)
     if Path(loop.checkpoint_path).is_file():
         print(f"universal: resuming from {loop.checkpoint_path}")
-    method = JointTraining(trainer, model, train, val, stage.epochs, run.trainer.eval_batch_size)
+    method = JointTraining(
+        trainer, model, train, val, stage.epochs, run.trainer.eval_batch_size, seed=run.seed, total_steps=total_steps
+    )
     progress = StageProgress(0, total_steps, run.trainer.progress, lambda e: tracker.log_step(0, numeric_metrics(e)))
     try:
         result = train_loop(method, loop, callback=progress)
