@@ -1,4 +1,4 @@
-"""LEGO vs dense: several seeds at several token budgets, same width, depth, corpus and evaluation.
+"""LEGO vs dense and its peers: several seeds at several token budgets, same width, depth, corpus and evaluation.
 
 One command runs the whole study (sequentially or `--jobs N` at a time, each run in its own directory;
 finished runs are skipped, so a killed study re-run resumes where it stopped), then writes the sweep
@@ -8,6 +8,13 @@ and a markdown verdict with an isoFLOP plot into docs/:
     python experiments/compare_methods.py                        # outputs/compare/, docs/results.md
     python experiments/compare_methods.py --report-only          # rewrite the report from finished runs
     python experiments/compare_methods.py --quick --out /tmp/c --report /tmp/c/results.md   # smoke size
+    python experiments/compare_methods.py --peers      # LEGO against MoD and LayerSkip: outputs/peers, docs/peers.md
+
+`--peers` (issue 21) runs dense, LEGO 2+2 at r=0.3 and r=0.5, Mixture-of-Depths and the LayerSkip-style model at 800k
+and 3.2M training tokens (four passes over 800k: the embedded corpus runs out), 3 seeds each, each method at its own
+learning rate: `--tune-lr` (which `--peers` implies) first sweeps every method over LR_GRID (an 8x span) at one
+budget and takes the rate with the lowest *validation* objective. Its report adds the sweep's table and, per budget,
+the quality / inference-cost frontier: each method's threshold scan as a curve.
 
 Every run of a method differs only in `seed` (model initialisation and data order; the train/val/test
 split has its own fixed `data.split_seed`), so the spread over seeds is the noise floor of a comparison.
@@ -66,6 +73,16 @@ METHODS: dict[str, Method] = {
         budgets=("400k",),
     ),  # fmt: skip
 }
+# the peers (issue 21), the same width, depth, data and evaluation: Mixture-of-Depths (every other layer routed at
+# 12.5 % capacity) and LayerSkip-style joint training (layer dropout, rotational exit-loss curriculum, early exit)
+PEERS = {"MoD": Method(("+experiment=compare_mod",), 1), "LayerSkip": Method(("+experiment=compare_layerskip",), 1)}
+METHODS.update(PEERS)
+PEER_STUDY = (DENSE, "lego r=0.3", "lego r=0.5", *PEERS)  # `--peers`: these methods ...
+PEER_BUDGETS = ("800k", "3.2M")  # ... at these budgets, each at its own tuned learning rate
+# the learning-rate sweep (`--tune-lr`): each method at these rates (an 8x span), seed 0, at TUNE_BUDGET; the rate
+# with the lowest validation objective (results.json `objective`, never a test number) is the method's
+LR_GRID = (5e-4, 1e-3, 2e-3, 4e-3)
+TUNE_BUDGET = "400k"
 # each MoE method and its dense-FFN twin
 MOE_PAIRS = {"dense MoE": DENSE, "lego r=0.3 MoE": "lego r=0.3", "lego r=0.3 MoE in Block 1": "lego r=0.3"}
 # budget name -> (max_train_tokens, epochs); 400k is the compare presets' own budget (conf/experiment/compare_*)
@@ -75,6 +92,7 @@ BUDGETS: dict[str, tuple[int, int]] = {
     "400k": (400_000, 1),
     "800k": (800_000, 1),
     "1.6M": (800_000, 2),
+    "3.2M": (800_000, 4),
 }
 # run in this order: the noise floor first, then the 8x span; 200k and 1.6M (two passes over 800k) on request
 DEFAULT_BUDGETS = ("400k", "100k", "800k")
@@ -85,7 +103,8 @@ EXTRAPOLATE = 1.5  # how far past the dense runs' FLOPs range their curve is ext
 SEEDS = (0, 1, 2)
 QUICK = ("model.dim=32", "model.num_heads=2", "tokenizer=bytes", "data.seq_len=32", "data.max_eval_tokens=2000",
          "trainer.threshold_scan=[0.0,0.5]", "trainer.eval_batch_size=16", "wandb=disabled")  # fmt: skip
-QUICK_BUDGETS = {"100k": (2_000, 1), "200k": (4_000, 1), "400k": (8_000, 1), "800k": (16_000, 1), "1.6M": (16_000, 2)}
+QUICK_BUDGETS = {"100k": (2_000, 1), "200k": (4_000, 1), "400k": (8_000, 1), "800k": (16_000, 1), "1.6M": (16_000, 2),
+                 "3.2M": (16_000, 4)}  # fmt: skip
 # files a finished run does not need for its report (a stage dump is up to 1 GB)
 DISPOSABLE = ("hard_tokens*.safetensors", "val_routed*.safetensors", "checkpoint.pt")
 
@@ -95,10 +114,12 @@ class Job:
     method: str
     budget: str
     seed: int
+    lr: float | None = None  # every trained stage's learning rate; None: the method's preset's
 
     @property
     def name(self) -> str:
-        return f"{slug(self.method)}/{self.budget}/seed{self.seed}"
+        tag = "" if self.lr is None else f"_lr{self.lr:g}"
+        return f"{slug(self.method)}{tag}/{self.budget}/seed{self.seed}"
 
 
 def slug(text: str) -> str:
@@ -106,15 +127,36 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", text.replace("=", "")).strip("_")
 
 
-def jobs_for(methods: list[str], budgets: list[str], seeds: list[int]) -> list[Job]:
-    """Budget-major, then seed, then method: a study stopped early has whole budgets and balanced seeds."""
+def jobs_for(
+    methods: list[str], budgets: list[str], seeds: list[int], rates: dict[str, float] | None = None
+) -> list[Job]:
+    """Budget-major, then seed, then method: a study stopped early has whole budgets and balanced seeds. `rates`:
+    each method's tuned learning rate (`chosen_rates`); a method without one runs at its preset's."""
+    rates = rates or {}
     return [
-        Job(method, budget, seed)
+        Job(method, budget, seed, rates.get(method))
         for budget in budgets
         for seed in seeds
         for method in methods
         if METHODS[method].budgets is None or budget in METHODS[method].budgets
     ]
+
+
+def sweep_jobs(methods: list[str]) -> list[Job]:
+    """The learning-rate sweep: every method at every rate of LR_GRID, seed 0, at TUNE_BUDGET."""
+    return [Job(method, TUNE_BUDGET, 0, lr) for method in methods for lr in LR_GRID]
+
+
+def chosen_rates(sweep_dir: Path, methods: list[str]) -> dict[str, float]:
+    """Each method's rate with the lowest validation objective among its finished sweep runs in `sweep_dir`
+    (methods with fewer than two finished rates are left out: nothing was chosen)."""
+    chosen = {}
+    for method in methods:
+        scored = [(read_json(sweep_dir / job.name / "results.json")["objective"], job.lr)
+                  for job in sweep_jobs([method]) if (sweep_dir / job.name / "results.json").is_file()]  # fmt: skip
+        if len(scored) >= 2:
+            chosen[method] = min(scored)[1]
+    return chosen
 
 
 def job_overrides(job: Job, quick: bool) -> list[str]:
@@ -125,6 +167,8 @@ def job_overrides(job: Job, quick: bool) -> list[str]:
     schedule = [f"block_schedule.blocks.{k}.epochs={epochs}" for k in range(method.blocks)]
     if warmup != REFERENCE_WARMUP:
         schedule += [f"block_schedule.blocks.{k}.warmup_steps={warmup}" for k in range(method.blocks)]
+    if job.lr is not None:
+        schedule += [f"block_schedule.blocks.{k}.lr={job.lr:g}" for k in range(method.blocks)]
     quick_sizes = QUICK if quick else ()
     return [*method.overrides, f"data.max_train_tokens={tokens}", *schedule, f"seed={job.seed}", *quick_sizes]
 
@@ -299,7 +343,7 @@ def budget_lines(groups: dict[tuple[str, str], list[dict]], budgets: list[str]) 
         dense_flops = stat(dense, "train_flops").mean if dense else math.nan
         for method, runs in rows:
             flops = Stat.of([run["train_flops"] / dense_flops for run in runs])
-            speedup = stat(runs, "inference_speedup") if method.startswith("lego") else Stat(math.nan, math.nan, 0)
+            speedup = stat(runs, "inference_speedup") if not _dense(method) else Stat(math.nan, math.nan, 0)
             lines.append(
                 f"| {method} | {len(runs)} | {stat(runs, 'test_ppl')} | {stat(runs, 'test_ppl_full_depth')} | "
                 f"{stat(runs, 'honest_cost')} | {flops} | {speedup} |"
@@ -310,16 +354,16 @@ def budget_lines(groups: dict[tuple[str, str], list[dict]], budgets: list[str]) 
             continue
         dense_ppl = stat(dense, "test_ppl")
         for method, runs in rows:
-            if not method.startswith("lego"):
+            if _dense(method):
                 continue
             calibrated, full = stat(runs, "test_ppl"), stat(runs, "test_ppl_full_depth")
             flops = stat(runs, "train_flops").mean
             iso = interpolate_log(dense_curve, flops)
             iso_text = (
-                f"dense {'extrapolated' if iso[1] else 'interpolated'} to LEGO's {flops / dense_flops:.2f}x FLOPs: "
-                f"{iso[0]:.2f}, LEGO {verdict(calibrated, Stat(iso[0], dense_ppl.sd, dense_ppl.n))}"
+                f"dense {'extrapolated' if iso[1] else 'interpolated'} to its {flops / dense_flops:.2f}x FLOPs: "
+                f"{iso[0]:.2f}, {method} {verdict(calibrated, Stat(iso[0], dense_ppl.sd, dense_ppl.n))}"
                 if iso is not None
-                else f"LEGO's {flops / dense_flops:.2f}x dense FLOPs is outside the dense runs' range"
+                else f"its {flops / dense_flops:.2f}x dense FLOPs is outside the dense runs' range"
             )
             lines.append(
                 f"- **{method}**: at equal training FLOPs, {iso_text}. At equal inference cost (full depth, honest "
@@ -327,6 +371,69 @@ def budget_lines(groups: dict[tuple[str, str], list[dict]], budgets: list[str]) 
                 f"{stat(runs, 'honest_cost').mean:.2f}) against dense at 1.0: {verdict(calibrated, dense_ppl)}."
             )
         lines.append("")
+    return lines
+
+
+def _dense(method: str) -> bool:
+    """A dense baseline (no verdict of its own): `dense` and its variants."""
+    return method.startswith("dense")
+
+
+def lr_sweep_lines(sweep_dir: Path, methods: list[str], rates: dict[str, float]) -> list[str]:
+    """The learning-rate sweep's table: each method's validation objective at each rate, the chosen one in bold."""
+    header = " | ".join(f"lr {lr:g}" for lr in LR_GRID)
+    lines = [
+        "## Learning rates",
+        "",
+        f"Each method's learning rate is tuned, not inherited: seed 0 at {TUNE_BUDGET} tokens at each rate, the "
+        "lowest validation objective (validation PPL with the calibrated exits; never a test number) chosen; the "
+        "comparison above runs every method at its chosen rate.",
+        "",
+        f"| method | {header} | chosen |",
+        f"| --- | {' | '.join('---:' for _ in LR_GRID)} | ---: |",
+    ]
+    for method in methods:
+        cells = []
+        for job in sweep_jobs([method]):
+            path = sweep_dir / job.name / "results.json"
+            value = f"{read_json(path)['objective']:.2f}" if path.is_file() else "-"
+            cells.append(f"**{value}**" if rates.get(method) == job.lr else value)
+        chosen = f"{rates[method]:g}" if method in rates else "not tuned"
+        lines.append(f"| {method} | {' | '.join(cells)} | {chosen} |")
+    return [*lines, ""]
+
+
+def plot_frontier(groups: dict[tuple[str, str], list[dict]], budget: str, path: Path) -> bytes:
+    """The quality / inference-cost frontier at one budget: test PPL against honest inference cost along each
+    method's threshold scan (mean over seeds per exit share, error bars = seed sd); a method without early exit
+    is one point."""
+    from lego.report.plots import plot_series
+
+    series = {}
+    for (method, run_budget), runs in groups.items():
+        if run_budget != budget:
+            continue
+        shares = sorted({row["target_exit_share"] for run in runs for row in run.get("threshold_scan", [])})
+        points = []
+        for share in shares:
+            rows = [row for run in runs for row in run["threshold_scan"] if row["target_exit_share"] == share]
+            cost, ppl = Stat.of([r["honest_cost"] for r in rows]), Stat.of([r["test_ppl"] for r in rows])
+            points.append({"x": cost.mean, "y": ppl.mean, "xerr": cost.sd, "yerr": ppl.sd, "label": ""})
+        series[method] = points
+    return plot_series(
+        series, path, xlabel="honest inference cost (x dense)", ylabel="test PPL",
+        title=f"Quality vs inference cost, {budget} tokens (threshold scans; error bars: sd over seeds)",
+    )  # fmt: skip
+
+
+def frontier_lines(groups: dict[tuple[str, str], list[dict]], budgets: list[str], report_path: Path) -> list[str]:
+    """One frontier plot per budget (`plot_frontier`)."""
+    lines = ["## Quality against inference cost", ""]
+    for budget in budgets:
+        if any(run_budget == budget for _, run_budget in groups):
+            path = report_path.with_name(f"{report_path.stem}_frontier_{budget}.png")
+            plot_frontier(groups, budget, path)
+            lines += [f"![test PPL vs honest inference cost at {budget} tokens]({path.name})", ""]
     return lines
 
 
@@ -439,7 +546,11 @@ def plot_isoflop(groups: dict[tuple[str, str], list[dict]], budgets: list[str], 
     )  # fmt: skip
 
 
-def report(out: Path, jobs: list[Job], budgets: list[str], report_path: Path, command: str) -> str:
+def report(
+    out: Path, jobs: list[Job], budgets: list[str], report_path: Path, command: str, lr_lines: list[str] | None = None
+) -> str:
+    """docs/results.md (or `report_path`): the verdicts per budget, the plots, and with `lr_lines` (a tuned study)
+    the learning-rate sweep and each budget's quality / inference-cost frontier."""
     groups = group_runs(out, jobs)
     if not any(method == DENSE for method, _ in groups):
         raise SystemExit(f"error: no finished dense run in {out}; run the study first")
@@ -468,6 +579,8 @@ def report(out: Path, jobs: list[Job], budgets: list[str], report_path: Path, co
         f"![test PPL vs training FLOPs]({plot_path.name})",
         "",
         *budget_lines(groups, budgets),
+        *(frontier_lines(groups, budgets, report_path) if lr_lines is not None else []),
+        *(lr_lines or []),
         *dense_gap_lines(groups),
         *moe_lines(groups, report_path.with_name(f"{report_path.stem}_moe.png")),
     ]
@@ -485,25 +598,55 @@ def report(out: Path, jobs: list[Job], budgets: list[str], report_path: Path, co
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "compare", help="the study folder")
-    parser.add_argument("--report", type=Path, default=REPO / "docs" / "results.md")
-    parser.add_argument("--archive", type=Path, default=REPO / "docs" / "study_runs",
-                        help="finished runs' results are copied here and the reports read them from here")  # fmt: skip
+    parser.add_argument("--out", type=Path, help="the study folder (default: outputs/compare)")
+    parser.add_argument("--report", type=Path, help="default: docs/results.md")
+    parser.add_argument("--archive", type=Path,
+                        help="finished runs' results are copied here and the reports read them from here "
+                             "(default: docs/study_runs)")  # fmt: skip
     parser.add_argument("--report-only", action="store_true", help="only write the reports from finished runs")
     parser.add_argument("--runs-only", action="store_true", help="only run (or resume) the study, no reports")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--budgets", nargs="+", choices=list(BUDGETS), default=list(DEFAULT_BUDGETS),
-                        help="training-token budgets, run in the order given (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: all but the peers")
+    parser.add_argument("--budgets", nargs="+", choices=list(BUDGETS),
+                        help=f"training-token budgets, in the order given (default: {' '.join(DEFAULT_BUDGETS)})")
+    parser.add_argument("--tune-lr", action="store_true",
+                        help=f"first sweep each method's learning rate ({', '.join(map(str, LR_GRID))}) at "
+                             f"{TUNE_BUDGET}, then compare at the chosen rates")  # fmt: skip
+    parser.add_argument("--peers", action="store_true",
+                        help="the peer study: dense, LEGO r=0.3/0.5, MoD, LayerSkip at 800k and 3.2M tokens, tuned "
+                             "learning rates, into outputs/peers, docs/peers.md and docs/peer_runs")  # fmt: skip
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cores / jobs threads)")
     parser.add_argument("--keep-dumps", action="store_true", help="keep each stage's hard-token dump")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    study = ("peers", "peers.md", "peer_runs") if args.peers else ("compare", "results.md", "study_runs")
+    args.out = args.out or REPO / "outputs" / study[0]
+    args.report = args.report or REPO / "docs" / study[1]
+    args.archive = args.archive or REPO / "docs" / study[2]
+    args.methods = args.methods or list(PEER_STUDY if args.peers else (m for m in METHODS if m not in PEERS))
+    args.budgets = args.budgets or list(PEER_BUDGETS if args.peers else DEFAULT_BUDGETS)
+    args.tune_lr = args.tune_lr or args.peers
+    return args
+
+
+def tune_rates(args: argparse.Namespace) -> tuple[dict[str, float], list[str]]:
+    """Run (or resume) the learning-rate sweep in `<out>/lr_sweep`, archive it, and return each method's chosen
+    rate and the report's table of the sweep."""
+    sweep = sweep_jobs(args.methods)
+    out, archive = args.out / "lr_sweep", args.archive / "lr_sweep" if args.archive else None
+    if not args.report_only:
+        run_all(sweep, out, archive, args.quick, args.jobs, args.keep_dumps)
+    if archive:
+        archive_runs(out, archive, sweep)
+    rates = chosen_rates(archive or out, args.methods)
+    print("learning rates chosen on validation:", ", ".join(f"{m} {lr:g}" for m, lr in rates.items()) or "none")
+    return rates, lr_sweep_lines(archive or out, args.methods, rates)
 
 
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
-    jobs = jobs_for(args.methods, args.budgets, args.seeds)
+    rates, lr_lines = tune_rates(args) if args.tune_lr else ({}, None)
+    jobs = jobs_for(args.methods, args.budgets, args.seeds, rates)
     if not args.report_only:
         run_all(jobs, args.out, args.archive, args.quick, args.jobs, args.keep_dumps)
     if args.archive:
@@ -517,9 +660,10 @@ def main(argv: list[str] | None = None) -> str:
         raise SystemExit(f"error: no finished run in {source}; run the study first (without --report-only)")
     files = write_report([source], args.out, title="LEGO vs dense: seeds and budgets")
     print(f"sweep report: {files.html} ({files.finished} runs)")
-    command = "python experiments/compare_methods.py" + (" --quick" if args.quick else "")
+    command = "python experiments/compare_methods.py" + (" --peers" if args.peers else "")
+    command += " --quick" if args.quick else ""
     by_size = sorted(args.budgets, key=lambda name: BUDGETS[name][0] * BUDGETS[name][1])
-    text = report(source, jobs, by_size, args.report, command)
+    text = report(source, jobs, by_size, args.report, command, lr_lines)
     print(text)
     return text
 

@@ -128,3 +128,30 @@ def test_compare_methods_moe_against_its_dense_twin_quick(tmp_path, monkeypatch)
     assert (tmp_path / "results_moe.png").stat().st_size > 1000
     results = json.loads(next((tmp_path / "runs" / "dense_MoE").glob("400k/seed0/results.json")).read_text())
     assert len(results["moe"]) == 4  # every layer of the 4-layer block
+
+
+
+def test_compare_methods_chooses_each_methods_learning_rate_on_validation(tmp_path):
+    """`--tune-lr`: the rate with the lowest validation objective among a method's sweep runs is chosen, the
+    comparison's jobs run at it, and the report has the sweep table and a frontier plot of the threshold scans."""
+    from experiments import compare_methods as cm
+
+    scores = {("dense", 5e-4): 30.0, ("dense", 1e-3): 25.0, ("dense", 2e-3): 27.0, ("LayerSkip", 1e-3): 40.0,
+              ("LayerSkip", 4e-3): 35.0, ("MoD", 1e-3): 50.0}  # fmt: skip
+    for (method, lr), objective in scores.items():
+        path = tmp_path / cm.Job(method, cm.TUNE_BUDGET, 0, lr).name / "results.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"objective": objective, "test_ppl": 1.0}))  # the test PPL is never read
+    rates = cm.chosen_rates(tmp_path, ["dense", "LayerSkip", "MoD"])
+    assert rates == {"dense": 1e-3, "LayerSkip": 4e-3}  # MoD: one finished rate, nothing to choose from
+    jobs = cm.jobs_for(["dense", "MoD"], ["800k"], [0], rates)
+    assert [job.name for job in jobs] == ["dense_lr0.001/800k/seed0", "MoD/800k/seed0"]
+    assert "block_schedule.blocks.0.lr=0.001" in cm.job_overrides(jobs[0], quick=False)
+    assert not any(".lr=" in arg for arg in cm.job_overrides(jobs[1], quick=False))
+    lines = cm.lr_sweep_lines(tmp_path, ["dense", "MoD"], rates)
+    assert "| dense | 30.00 | **25.00** | 27.00 | - | 0.001 |" in lines
+    assert "| MoD | - | 50.00 | - | - | not tuned |" in lines
+    scan = [{"target_exit_share": share, "honest_cost": 1 - share / 2, "test_ppl": 20 + share} for share in (0, .5)]
+    groups = {("LayerSkip", "800k"): [{"threshold_scan": scan}, {"threshold_scan": scan}]}
+    cm.plot_frontier(groups, "800k", tmp_path / "frontier.png")
+    assert (tmp_path / "frontier.png").stat().st_size > 1000
