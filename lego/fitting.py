@@ -6,7 +6,9 @@ TrainingData through the shared loop (`lego.training.loop`), then chooses the ne
    touch them. Schedule, clipping, validation, early stopping, checkpoints and resume are the loop's.
 2. Threshold calibration on validation tokens: about `1 - hard_ratio` of the tokens reaching the block exit.
 3. Hard tokens by ratio: the bottom `hard_ratio` of the active training tokens by confidence
-   (`torch.topk(..., largest=False)`), returned as the next block's TrainingData (`lego.training.selection`).
+   (`torch.topk(..., largest=False)`), returned as the next block's TrainingData (`lego.training.selection`). Streamed
+   (`FitConfig.hard_mask_path`, `trainer.dump=stream`), only their mask is written, chosen in bounded memory
+   (`select_hard_chunked`), and the next block's TrainingData computes its inputs per batch (`StreamedTrainingData`).
 
 Under torch.distributed every rank passes its own round-robin shard of `train` and `val` (`TrainingData.shard`) and
 the stage stays one global computation (see `lego.training.loop`); threshold calibration uses all validation
@@ -16,7 +18,6 @@ confidences, hard-token selection all ranks' active tokens.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,7 @@ from lego.moe import MoEFeedForward
 from lego.sharding import ShardedLayers
 from lego.training.loop import Callback, LoopConfig, Period, Schedule, Step, train_loop
 from lego.training.optim import param_groups
+from lego.training.precision import DEFAULT_PRECISION, PRECISIONS, autocast, autocast_dtype
 from lego.training.propagation import (
     block_input,
     collect_flops,
@@ -36,10 +38,20 @@ from lego.training.propagation import (
     perplexity,
     propagate,
     propagate_to_file,
+    score,
+    stream_after,
     token_losses,
 )
-from lego.training.selection import calibrate_threshold, select_hard
-from lego.training_data import TrainingData, load_within_budget
+from lego.training.selection import calibrate_threshold, select_hard, select_hard_chunked
+from lego.training.throughput import throughput
+from lego.training_data import (
+    StreamedTrainingData,
+    TrainingData,
+    load_mask,
+    load_within_budget,
+    save_mask,
+    scratch_floats,
+)
 
 if TYPE_CHECKING:
     from lego.model import LEGOBlock
@@ -66,13 +78,16 @@ class FitConfig(LoopConfig, StageTraining):
     hard_data_path: str | None = None  # write the hard tokens' TrainingData here, streamed (memory-mapped)
     hard_data_dtype: str = "float32"  # ... with hidden states in this precision: float32 | bfloat16 (half the bytes)
     memory_budget_mb: float | None = 0.0  # ... and read it back into memory if it fits, else map it (None: read)
-    bf16_autocast: bool = True  # training forward passes in bf16 autocast on CUDA; never used on the CPU
+    hard_mask_path: str | None = None  # or write only their mask here, 1 byte per token (trainer.dump=stream)
+    precision: str = DEFAULT_PRECISION  # every forward's: auto (bf16 on CUDA, float32 elsewhere) | float32 | bf16
     fsdp: bool = False  # under torch.distributed: shard the block's layers while training (`lego.sharding`)
 
     def __post_init__(self) -> None:
         if self.hard_ratio is not None:
             check_hard_ratio(self.hard_ratio)
         super().__post_init__()
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.hard_data_dtype not in DUMP_DTYPES:
             raise ValueError(f"hard_data_dtype must be one of {', '.join(DUMP_DTYPES)}, got {self.hard_data_dtype!r}")
 
@@ -93,11 +108,15 @@ class FitStats:
     train_tokens: int = 0  # active training tokens seen (token-passes through the block)
     train_flops: float = 0.0  # forward + backward (3x forward), K/V of kept context tokens included
     collect_flops: float = 0.0  # the forward over the training data that scores tokens for the next block
+    stream_flops: float = 0.0  # streamed inputs (trainer.dump=stream): the frozen earlier blocks' forward
     active_tokens: int = 0  # active tokens in the stage's training data
     hard_count: int = 0
     threshold: float | None = None
     calibration: dict = field(default_factory=dict)
     seconds: float = 0.0
+    train_seconds: float = 0.0  # the training loop's (validations included), earlier processes of a resume too
+    tokens_per_second: float | None = None  # train_tokens / train_seconds
+    mfu: float | None = None  # train_flops / train_seconds over the devices' bf16 peak (lego.training.throughput)
     # per MoE layer of the block, its routing over the training steps this process ran (lego.moe.RoutingTally)
     moe: list[dict] = field(default_factory=list)
 
@@ -121,6 +140,7 @@ class BlockMethod:
         self.modules: list[nn.Module] = [block] + ([embedding, block.head] if embedding is not None else [])
         self.blocks = [block]
         self.device = next(block.parameters()).device
+        self.all_active = bool(train.active.all())  # Block 0's: every batch runs dense, no mask read per step
 
     def param_groups(self, config: FitConfig) -> list[dict]:
         return param_groups(self.modules, config.weight_decay)
@@ -129,14 +149,16 @@ class BlockMethod:
         return self.block.named_moe_ffns()
 
     def step(self, batch: TrainingData, epoch: int) -> Step:
-        loss, lm_loss, exit_loss, n_tokens = train_step(self.block, batch, self.embedding, self.config, self.device)
+        loss, lm_loss, exit_loss, n_tokens = train_step(
+            self.block, batch, self.embedding, self.config, self.device, all_active=self.all_active
+        )
         flops = 3 * self.block.forward_flops(n_tokens, batch.targets.numel(), self.train.seq_len, n_tokens)
         return Step(loss, lm_loss, exit_loss, n_tokens, [flops])
 
     def validate(self, period: Period) -> dict:
         """The validation loss with the LM loss of every training step since the previous one (the training curve
         between validation points)."""
-        result = evaluate(self.block, self.val, self.embedding, self.config.eval_batch_size)
+        result = evaluate(self.block, self.val, self.embedding, self.config.eval_batch_size, self.config.precision)
         train_loss = period.mean("lm_loss")
         return {
             "train_loss": train_loss, "train_ppl": perplexity(train_loss), "val_loss": result["loss"],
@@ -156,13 +178,17 @@ def fit_block(
     """Train `block` (and, for Block 0, `embedding` + the shared head), calibrate its threshold and
     return `(hard_data, stats)`; `hard_data` is None when `config.hard_ratio` is None."""
     started = time.perf_counter()
-    sharded = ShardedLayers(block) if config.fsdp and distributed.world()[1] > 1 else None
+    param_dtype = autocast_dtype(block.exit_classifier.weight.device, config.precision)
+    sharded = ShardedLayers(block, param_dtype) if config.fsdp and distributed.world()[1] > 1 else None
     result = train_loop(BlockMethod(block, train, val, config, embedding), config, sharded=sharded, callback=callback)
     stats = FitStats(
         evals=result.evals, best_eval=result.best_eval, stopped_early=result.stopped_early,
         train_tokens=result.train_tokens, train_flops=result.train_flops[0], moe=result.moe,
         active_tokens=int(distributed.global_sum(len(train))),
         best_val_ppl=result.evals[result.best_eval]["val_ppl"] if result.evals else float("nan"),
+        train_seconds=result.seconds,
+        **throughput(result.train_tokens, result.train_flops[0], result.seconds, block.exit_classifier.weight.device,
+                     distributed.world()[1]),
     )  # fmt: skip
     block.eval()
     hard_data = None
@@ -171,13 +197,15 @@ def fit_block(
         hard_data = collect_hard(block, train, embedding, config)
         stats.hard_count = int(distributed.global_sum(len(hard_data)))
         stats.collect_flops = distributed.global_sum(collect_flops(block, train))
+    if isinstance(train, StreamedTrainingData):  # its inputs, made for every batch of training and collection
+        stats.stream_flops = distributed.global_sum(train.prefix.flops)
     stats.seconds = time.perf_counter() - started
     return hard_data, stats
 
 
 def calibrate(block: LEGOBlock, val: TrainingData, embedding: nn.Embedding | None, config: FitConfig, stats: FitStats):
     """Set the block's threshold so that about `1 - hard_ratio` of every rank's validation tokens exit there."""
-    local_conf = evaluate(block, val, embedding, config.eval_batch_size)["confidence"]
+    local_conf = evaluate(block, val, embedding, config.eval_batch_size, config.precision)["confidence"]
     val_conf = torch.cat(distributed.all_gather_variable(local_conf))  # every rank's validation tokens
     block.threshold = calibrate_threshold(val_conf, config.hard_ratio)
     stats.threshold = block.threshold
@@ -190,27 +218,56 @@ def calibrate(block: LEGOBlock, val: TrainingData, embedding: nn.Embedding | Non
 
 def collect_hard(block: LEGOBlock, train: TrainingData, embedding: nn.Embedding | None, config: FitConfig):
     """The next block's inputs: every training token's state after `block`, with the hard ones active; in memory,
-    or streamed to `config.hard_data_path` and read back in memory or memory-mapped."""
+    or streamed to `config.hard_data_path` and read back in memory or memory-mapped, or made per batch from the
+    mask written to `config.hard_mask_path` (`stream_hard`)."""
+    if config.hard_mask_path is not None:
+        return stream_hard(block, train, embedding, config)
+    forwards = autocast(block.exit_classifier.weight.device, config.precision)
     if config.hard_data_path is None:
-        hidden, confidence, _ = propagate(block, train, embedding, config.eval_batch_size)
+        with forwards:
+            hidden, confidence, _ = propagate(block, train, embedding, config.eval_batch_size)
         return TrainingData(hidden, train.targets, select_hard(confidence, train.active, config.hard_ratio))
 
     def pick_hard(confidence: Tensor, _: Tensor) -> Tensor:
         return select_hard(confidence, train.active, config.hard_ratio)
 
     dtype = DUMP_DTYPES[config.hard_data_dtype]
-    propagate_to_file(block, train, embedding, config.eval_batch_size, config.hard_data_path, pick_hard, dtype)
+    with forwards:
+        propagate_to_file(block, train, embedding, config.eval_batch_size, config.hard_data_path, pick_hard, dtype)
     return load_within_budget(config.hard_data_path, config.memory_budget_mb)
 
 
+def stream_hard(
+    block: LEGOBlock, train: TrainingData, embedding: nn.Embedding | None, config: FitConfig
+) -> StreamedTrainingData:
+    """`trainer.dump=stream`'s hand-off: one pass scores every active training token (its confidence spilled to a
+    float32 scratch file beside the mask), the hard ones are chosen from it a chunk at a time
+    (`select_hard_chunked`), and only their mask is kept, 1 byte per token; the next block's inputs are made from
+    it batch by batch (`stream_after`)."""
+    path, shape = config.hard_mask_path, (train.num_sequences, train.seq_len)
+    with scratch_floats(path, shape) as confidence:
+        with autocast(block.exit_classifier.weight.device, config.precision):
+            score(block, train, embedding, config.eval_batch_size, confidence)
+        save_mask(path, select_hard_chunked(confidence, train.active, config.hard_ratio), shape)
+    return stream_after(block, train, embedding, load_mask(path), config.precision)
+
+
 def train_step(
-    block: LEGOBlock, batch: TrainingData, embedding: nn.Embedding | None, config: FitConfig, device: torch.device
+    block: LEGOBlock,
+    batch: TrainingData,
+    embedding: nn.Embedding | None,
+    config: FitConfig,
+    device: torch.device,
+    *,
+    all_active: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, int]:
+    """One batch's losses; `all_active`: every token of `batch` is active, so `block.run` takes the dense path
+    without reading the mask (a host sync on a device)."""
     weight = block.exit_classifier.weight  # never sharded (FSDP shards the layers only)
-    use_bf16 = config.bf16_autocast and device.type == "cuda"
-    with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext():
-        out = block.run(block_input(batch, embedding, weight), batch.active.to(device), logits_for="active")
-    ce, right = token_losses(out, batch.targets.to(device))  # losses in float32 either way
+    with autocast(device, config.precision):
+        active = None if all_active else batch.active.to(device, non_blocking=True)
+        out = block.run(block_input(batch, embedding, weight), active, logits_for="active")
+    ce, right = token_losses(out, batch.targets.to(device, non_blocking=True))  # losses in float32 either way
     lm_loss = ce.mean()
     labels = torch.exp(-ce.detach()) if config.soft_exit_labels else right.float()
     exit_logit = out.exit_logit.reshape(-1).index_select(0, out.logits_index)

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lego.layers import (
     RMSNorm,
@@ -42,6 +44,7 @@ ConfidenceMethod = Literal["learned", "max_softmax", "entropy"]
 CONFIDENCE_METHODS = ("learned", "max_softmax", "entropy")
 SPARSE_BUCKET = 64  # the sparse path's padding multiple off the CPU
 SPARSE_ATTENTIONS = ("auto", "sdpa", "flex")
+LOGIT_CHUNK_ROWS = 4096  # logits rows upcast to float32 at a time (cross-entropy, confidence read off the logits)
 
 
 def sparse_path(
@@ -67,15 +70,40 @@ def sparse_path(
 
 
 def logit_confidence(logits: Tensor, method: str) -> Tensor:
-    """Confidence read off a distribution: its top probability, or 1 - entropy / log(vocab).
+    """Confidence read off a distribution: its top probability, or 1 - entropy / log(vocab); in float32,
+    `LOGIT_CHUNK_ROWS` rows at a time (see `cross_entropy_rows`).
 
     Both need the head for every token a block judges; `learned` (the exit classifier) does not.
     """
+    return torch.cat([_logit_confidence(rows, method) for rows in logits.split(LOGIT_CHUNK_ROWS)])
+
+
+def _logit_confidence(logits: Tensor, method: str) -> Tensor:
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     if method == "max_softmax":
         return log_probs.max(dim=-1).values.exp()
     entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
     return 1.0 - entropy / math.log(logits.shape[-1])
+
+
+def cross_entropy_rows(logits: Tensor, targets: Tensor, chunk: int = LOGIT_CHUNK_ROWS) -> Tensor:
+    """Per-row cross-entropy, in float32, of (rows, vocab) `logits` of any dtype (bf16 under autocast), `chunk`
+    rows at a time: the float32 copy of the logits, and in training the float32 log-probabilities autograd would
+    keep (each chunk's are recomputed in the backward instead), never exceed one chunk, where all rows would take
+    13 GB at 64 x 1024 tokens x 50k. Each row's loss is the one-shot computation's, bit for bit: it depends on its
+    own row only."""
+    if logits.shape[0] <= chunk:
+        return _cross_entropy(logits, targets)
+    keep_graph = torch.is_grad_enabled() and logits.requires_grad
+    parts = [
+        checkpoint(_cross_entropy, rows, picked, use_reentrant=False) if keep_graph else _cross_entropy(rows, picked)
+        for rows, picked in zip(logits.split(chunk), targets.split(chunk), strict=True)
+    ]
+    return torch.cat(parts)
+
+
+def _cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
 class BlockOutput(NamedTuple):
@@ -142,7 +170,11 @@ class LEGOBlock(nn.Module):
         )  # fmt: skip
         self.norm_out = RMSNorm(dim, eps=norm_eps)
         self.exit_classifier = nn.Linear(dim, 1)
+        # the threshold as a float32 buffer (state_dict, safetensors) and as that number, which `run` compares with
+        # (no tensor read); loading the buffer sets the number (`_threshold_loaded`)
         self.register_buffer("threshold_", torch.tensor(float(threshold)))
+        self._threshold = float(self.threshold_)
+        self.register_load_state_dict_post_hook(_threshold_loaded)
         self._head: tuple[nn.Linear, ...] = ()  # a plain tuple: not registered as a submodule
         self.confidence_method: ConfidenceMethod = confidence_method
         self.sparse_bucket: int | None = None
@@ -167,11 +199,12 @@ class LEGOBlock(nn.Module):
 
     @property
     def threshold(self) -> float:
-        return float(self.threshold_)
+        return self._threshold
 
     @threshold.setter
     def threshold(self, value: float) -> None:
         self.threshold_.fill_(float(value))
+        self._threshold = float(torch.tensor(float(value), dtype=self.threshold_.dtype))  # the buffer's value
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, h: Tensor, active: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -234,7 +267,7 @@ class LEGOBlock(nn.Module):
             conf_active = logit_confidence(all_logits.detach(), self.confidence_method)
             confidence = h.new_zeros(batch * seq_len).index_copy(0, flat_index, conf_active.to(h.dtype))
             confidence = confidence.view(batch, seq_len)
-        should_exit = (confidence >= self.threshold_) & active  # the buffer, not `threshold`: no host sync
+        should_exit = (confidence >= self._threshold) & active  # a number: no tensor read, no host sync
 
         if logits_for == "active":
             logits_index, logits = flat_index, all_logits if all_logits is not None else self.head(normed)
@@ -497,6 +530,11 @@ class LEGOTransformer(nn.Module):
             if n_active:
                 done += block.forward_flops(n_active, total, seq_len)
         return (done + head) / max(dense + head, 1.0)
+
+
+def _threshold_loaded(block: LEGOBlock, _) -> None:
+    """After `load_state_dict` (a checkpoint, `load_model`): the threshold number is the loaded buffer's."""
+    block._threshold = float(block.threshold_)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -9,6 +9,10 @@ in Block 0's stage, the embedding and the shared head.
 The reduce-scatter sums gradients (divide factor 1, sum-only collectives, which gloo needs): each rank
 already weights its loss by its share of the step's tokens (`lego.fitting`), exactly as without FSDP.
 
+In bf16 (`trainer.precision`, `mixed_precision`) the layers' weights are all-gathered and computed with in bf16
+(half the bytes on the wire) and their gradients reduced in float32; the sharded weights, AdamW's state and the
+layers' outputs stay float32. In float32 nothing is cast.
+
 Outside a training step the block runs with plain, full weights:
 - `gathered()`: validation inside training, where ranks run different numbers of batches, gathers each
   layer once and runs every forward without collectives;
@@ -28,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lego import distributed
@@ -37,10 +41,20 @@ if TYPE_CHECKING:
     from lego.model import LEGOBlock
 
 
-class ShardedLayers:
-    """The layers of `block`, sharded in place over every rank until `release()`."""
+def mixed_precision(param_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
+    """FSDP2's policy for forwards in `param_dtype` (`lego.training.precision.autocast_dtype`; None: float32):
+    weights gathered and used in it, gradients reduced in float32, outputs handed back in float32 (the block
+    writes them into its float32 hidden states). None: no casts at all."""
+    if param_dtype is None:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, output_dtype=torch.float32)
 
-    def __init__(self, block: LEGOBlock) -> None:
+
+class ShardedLayers:
+    """The layers of `block`, sharded in place over every rank until `release()`, computing in `param_dtype`
+    (`mixed_precision`)."""
+
+    def __init__(self, block: LEGOBlock, param_dtype: torch.dtype | None = None) -> None:
         self.block = block
         device = next(block.parameters()).device
         mesh = init_device_mesh(device.type, (distributed.world()[1],))
@@ -48,7 +62,7 @@ class ShardedLayers:
         self._plain = [copy.deepcopy(layer).to("meta") for layer in block.layers]
         self._device = device
         for layer in block.layers:
-            fully_shard(layer, mesh=mesh)
+            fully_shard(layer, mesh=mesh, mp_policy=mixed_precision(param_dtype))
             register_fsdp_forward_method(layer, "forward_sparse")  # the sparse path is not `forward`
             layer.set_gradient_divide_factor(1.0)
             layer.set_force_sum_reduction_for_comms(True)

@@ -3,6 +3,8 @@
 Block 0 starts from token ids (`TrainingData.from_windows`); every later block from the hidden states
 the previous block produced, where tokens that are not hard were kept unchanged. Saved with
 safetensors plus a small JSON header so a stage's dump can be inspected and reloaded without pickle.
+`StreamedTrainingData` is the form that stores no states: they are computed per batch by the frozen earlier
+blocks, and a stage hands on only its hard-token mask (`save_mask`, 1 byte per token).
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,8 +25,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lego.atomic import atomic_write, reserve_space
+from lego.atomic import TEMP_SUFFIX, atomic_write, reserve_space
 from lego.errors import DataError
+
+if TYPE_CHECKING:
+    from lego.training.propagation import FrozenPrefix
 
 FORMAT = "lego.TrainingData/1"
 # token ids and targets: files hold int32, token files (lego.data) uint16 or uint32
@@ -116,14 +124,15 @@ class TrainingData:
 
     # -- iteration -------------------------------------------------------------------------------
     def batches(
-        self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
+        self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None, skip: int = 0
     ) -> Iterator[TrainingData]:
         """Batches of whole sequences (attention needs the context), skipping sequences with no active
-        token: they would cost compute and contribute no loss."""
+        token: they would cost compute and contribute no loss. `skip`: leave out the first `skip` batches of
+        this order without building them (a stage resumed mid-epoch)."""
         rows = self.active.any(dim=1).nonzero().squeeze(1)
         if shuffle:
             rows = rows[torch.randperm(len(rows), generator=generator)]
-        for start in range(0, len(rows), batch_size):
+        for start in range(skip * batch_size, len(rows), batch_size):
             yield self.select(rows[start : start + batch_size])
 
     def num_batches(self, batch_size: int) -> int:
@@ -196,6 +205,27 @@ class TrainingData:
         if expected != (data.num_sequences, data.seq_len, len(data)):
             raise DataError(f"{path}: header says (sequences, seq_len, active) = {expected}, tensors disagree")
         return data
+
+
+class StreamedTrainingData(TrainingData):
+    """A TrainingData whose hidden states are computed, not stored (`trainer.dump=stream`): each selection
+    (`select`, so each batch of `batches`) runs the frozen `prefix` (the earlier blocks, each on its own active
+    tokens) over those rows of `source` (Block 0's token ids, or states read from a dump). What it stores is the
+    mask of the tokens to train on, `active`: `len`, `num_batches` and `batches` work as on stored data. It has no
+    inputs of its own (`hidden_states` and `input_ids` are None), so `save`, `shard` and `to` fail on it: build one
+    per rank from the rank's source and mask."""
+
+    def __init__(self, source: TrainingData, active: Tensor, prefix: FrozenPrefix) -> None:
+        if active.shape != source.targets.shape or active.dtype != torch.bool:
+            raise ValueError(
+                f"the mask must be bool {tuple(source.targets.shape)}, got {active.dtype} {tuple(active.shape)}"
+            )
+        self.hidden_states, self.input_ids, self.targets, self.active = None, None, source.targets, active
+        self.source, self.prefix = source, prefix
+
+    def select(self, rows: Tensor) -> TrainingData:
+        batch = self.source.select(rows)
+        return TrainingData(self.prefix(batch, rows), batch.targets, self.active[rows])
 
 
 def _widen(ids: Tensor) -> Tensor:
@@ -285,6 +315,69 @@ def load_shard(
             writer.hidden[rows] = gather("hidden_states", rows=rows)
         writer.finish(gather("targets"), gather("active"))
     return TrainingData.load(own, mmap=True)
+
+
+# -- hard-token masks: the streamed hand-off's files ----------------------------------------------
+def save_mask(path: str | Path, chunks: Iterable[Tensor], shape: tuple[int, int]) -> None:
+    """A (sequences, seq) bool mask as a .npy file, 1 byte per token, from `chunks` of its rows in order: written
+    as they come (never whole in memory), atomically."""
+
+    def write(tmp: Path) -> None:
+        rows = 0
+        with open(tmp, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|b1", "fortran_order": False, "shape": tuple(shape)})
+            for chunk in chunks:
+                f.write(chunk.numpy().tobytes())
+                rows += len(chunk)
+        if rows != shape[0]:
+            raise ValueError(f"the mask's chunks hold {rows} rows, not {shape[0]}")
+
+    atomic_write(path, write)
+
+
+def load_mask(path: str | Path) -> Tensor:
+    """A mask `save_mask` wrote, memory-mapped (copy-on-write: the file is never changed); a missing, truncated or
+    foreign file is a DataError naming it."""
+    try:
+        array = np.load(path, mmap_mode="c")
+    except (OSError, ValueError) as err:
+        raise DataError(
+            f"{path} is missing, truncated or not a hard-token mask ({err}); re-run the stage that wrote it"
+        ) from err
+    if array.dtype != np.bool_ or array.ndim != 2:
+        raise DataError(f"{path} holds {array.dtype} {array.shape}, not a (sequences, seq) bool hard-token mask")
+    return torch.from_numpy(array)
+
+
+def load_mask_shard(path: str | Path, saved_world: int, rank: int, world: int) -> Tensor:
+    """Rank `rank` of `world`'s rows of the mask `saved_world` ranks wrote as shards of `path` (`shard_path`): its
+    own file, memory-mapped, on as many ranks; else gathered from every shard in memory (1 byte per token)."""
+    if saved_world == world:
+        return load_mask(shard_path(path, rank, world))
+    saved = [load_mask(shard_path(path, r, saved_world)) for r in range(saved_world)]
+    wanted = shard_rows(sum(len(part) for part in saved), rank, world)
+    mask = torch.empty(len(wanted), saved[0].shape[1], dtype=torch.bool)
+    for r, part in enumerate(saved):
+        picked = wanted % saved_world == r
+        mask[picked] = part[wanted[picked] // saved_world]
+    return mask
+
+
+@contextmanager
+def scratch_floats(near: str | Path, shape: tuple[int, int]) -> Iterator[Tensor]:
+    """A float32 tensor backed by a temporary file beside `near`, removed on exit: scratch space that grows with
+    the data on disk, not in memory. Its blocks are reserved up front (a full disk is one error, not a SIGBUS),
+    and a killed run's file is a stale temporary (`lego.atomic.remove_stale_temporaries`)."""
+    near = Path(near)
+    near.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=near.parent, prefix=f".{near.name}.scratch.", suffix=TEMP_SUFFIX)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        reserve_space(tmp, 4 * shape[0] * shape[1], near)
+        yield torch.from_numpy(np.memmap(tmp, dtype=np.float32, mode="r+", shape=shape))
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # -- streaming to and from disk ------------------------------------------------------------------

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 # A key matches an entry equal to it or nested under it (`wandb.mode` under `wandb`).
 RESULT_NEUTRAL_KEYS = ("wandb", "debug", "trainer.progress", "trainer.num_threads", "trainer.device", "cache_dir",
-                       "trainer.memory_budget_mb", "trainer.fsdp", "objective", "hydra")  # fmt: skip
+                       "trainer.memory_budget_mb", "trainer.fsdp", "objective", "hydra",
+                       "trainer.log_every_steps", "trainer.checkpoint_every_steps", "trainer.compile")  # fmt: skip
 # What a resume may change: run_config.json leaves these out
 RESUME_VOLATILE_KEYS = (*RESULT_NEUTRAL_KEYS, "trainer.dump")
 

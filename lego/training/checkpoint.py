@@ -1,9 +1,11 @@
 """Step checkpoints, one format for every method: the trained modules' weights, the optimizer and schedule, and the
 loop's state (step, epoch, early stopping, evaluations, tokens and FLOPs so far), plain tensors and numbers only.
 
-A checkpoint is written at every validation and resumes the stage exactly where it left off (same shuffle, same
-order). Under FSDP it holds full tensors (gathered on every rank, written by rank 0): resumable on any number of
-ranks, with or without FSDP.
+A checkpoint is written at every validation and every `checkpoint_every_steps` steps between them, and resumes the
+stage exactly where it left off: the same batch of the same epoch (same shuffle, same order; the batches done are
+skipped without being built), with the steps since the last validation (`Period.saved`, in the loop's state), so
+the next validation's row is the uninterrupted one's. Under FSDP it holds full tensors (gathered on every rank,
+written by rank 0): resumable on any number of ranks, with or without FSDP.
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lego.model import cross_entropy_rows
+from lego.training.precision import DEFAULT_PRECISION, autocast
 from lego.training.propagation import perplexity, propagate, propagate_to_file
 from lego.training_data import TrainingData
 
@@ -26,20 +27,25 @@ def route(
     embedding: nn.Embedding | None,
     batch_size: int,
     stream_to: str | Path | None = None,
+    precision: str = DEFAULT_PRECISION,
 ) -> TrainingData:
     """Inference routing as data: the tokens that do not exit at this block stay active for the next one
-    (the validation set each later stage trains against). `stream_to`: write it to this file as it is
-    computed and return it memory-mapped, instead of building it in memory."""
-    if stream_to is None:
-        hidden, _, should_exit = propagate(block, data, embedding, batch_size)
-        return TrainingData(hidden, data.targets, data.active & ~should_exit)
-    propagate_to_file(block, data, embedding, batch_size, stream_to, lambda _, exits: data.active & ~exits)
+    (the validation set each later stage trains against), the forwards in `precision`. `stream_to`: write it
+    to this file as it is computed and return it memory-mapped, instead of building it in memory."""
+    with autocast(block.exit_classifier.weight.device, precision):
+        if stream_to is None:
+            hidden, _, should_exit = propagate(block, data, embedding, batch_size)
+            return TrainingData(hidden, data.targets, data.active & ~should_exit)
+        propagate_to_file(block, data, embedding, batch_size, stream_to, lambda _, exits: data.active & ~exits)
     return TrainingData.load(stream_to, mmap=True)
 
 
 @torch.no_grad()
-def evaluate_routed(model: LEGOTransformer, windows: Tensor, batch_size: int, device: torch.device) -> dict:
-    """Run `model(x, return_stats=True)` over (n, seq + 1) token windows with the blocks' current thresholds.
+def evaluate_routed(
+    model: LEGOTransformer, windows: Tensor, batch_size: int, device: torch.device, precision: str = DEFAULT_PRECISION
+) -> dict:
+    """Run `model(x, return_stats=True)` over (n, seq + 1) token windows with the blocks' current thresholds, in
+    `precision` (`lego.training.precision`).
 
     Every token is scored with the logits of the block it exited at; per block we report the tokens that
     exited there (count, rate, PPL, accuracy) and the confidences of the tokens that reached it.
@@ -54,8 +60,9 @@ def evaluate_routed(model: LEGOTransformer, windows: Tensor, batch_size: int, de
     started = time.perf_counter()
     for batch in windows.split(batch_size):
         x, y = batch[:, :-1].to(device), batch[:, 1:].to(device)
-        logits, stats = model(x, return_stats=True)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
+        with autocast(device, precision):
+            logits, stats = model(x, return_stats=True)
+        ce = cross_entropy_rows(logits.flatten(0, 1), y.flatten()).view_as(y)
         right = logits.argmax(dim=-1) == y
         for k in range(n_blocks):
             exited = stats.exit_block == k

@@ -40,6 +40,7 @@ def fit_config(fsdp: bool, **overrides) -> FitConfig:
             "patience": 9,
             "fsdp": fsdp,
             "hard_ratio": 0.4,
+            "log_every_steps": 1,  # every step's grad_norm
             **overrides,
         }  # fmt: skip
     )

@@ -2,6 +2,7 @@
 already written is damaged and no temporary file stays (issue 18). Written files get the umask's permissions."""
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -55,13 +56,15 @@ def test_a_dump_larger_than_the_free_space_is_refused_before_any_state_is_writte
     assert (small_disk / "small.safetensors").is_file()
 
 
-def test_a_run_whose_dump_does_not_fit_stops_with_one_line(small_disk, cache_dir):
+def test_a_run_whose_dump_does_not_fit_is_refused_before_training(small_disk, cache_dir):
+    """The plan (`lego.pipeline.plan`) sees, before any stage trains, that the hand-off cannot fit the disk."""
     run_dir = small_disk / "run"
     proc = run_train("+experiment=tiny", "wandb=disabled", f"hydra.run.dir={run_dir}", cache_dir=cache_dir)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "no space left on the device to write" in errors[0] and "MB needed" in errors[0]
-    assert not list(run_dir.rglob(".*.tmp"))
+    assert re.search(r"trainer.dump=keep needs [\d.]+ MB of disk for the hand-off but [\d.]+ MB are free", errors[0])
+    assert "use trainer.dump=stream" in errors[0]
+    assert not list(run_dir.glob("stage_*/*")) and not list(run_dir.rglob(".*.tmp"))  # nothing trained or written
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])

@@ -95,7 +95,7 @@ def train_imbalance(balance: str, steps: int = 120) -> tuple[float, float]:
     collapse(model)
     seen = []
     config = FitConfig(epochs=100, max_steps=steps, batch_size=8, lr=3e-3, warmup_steps=1, evals_per_epoch=1,
-                       patience=1000)  # fmt: skip
+                       patience=1000, log_every_steps=1)  # fmt: skip
     def record(event: dict) -> None:
         if event["kind"] == "step":
             seen.append(event["moe_imbalance"])

@@ -10,11 +10,12 @@ class Interrupt(Exception):
     pass
 
 
-def setup():
+def setup(sequences: int = 40):
+    """A fresh two-block model with `sequences` training windows and 8 validation ones, the same every call."""
     torch.manual_seed(0)
     model = LEGOTransformer.from_config(LEGOConfig(vocab_size=30, dim=16, num_heads=2, layers_per_block=[1, 1]))
     gen = torch.Generator().manual_seed(0)
-    train = TrainingData.from_windows(torch.randint(0, 30, (40, 9), generator=gen))
+    train = TrainingData.from_windows(torch.randint(0, 30, (sequences, 9), generator=gen))
     val = TrainingData.from_windows(torch.randint(0, 30, (8, 9), generator=gen))
     return model, train, val
 

@@ -361,7 +361,7 @@ def test_every_training_step_loss_is_recorded_between_validations():
     curve, not one mean per validation."""
     model = make_model()
     steps = {}
-    config = FitConfig(**{**FAST, "epochs": 2}, evals_per_epoch=3, hard_ratio=None)
+    config = FitConfig(**{**FAST, "epochs": 2}, evals_per_epoch=3, hard_ratio=None, log_every_steps=1)
     _, stats = model.blocks[0].fit(
         small_dataset(),
         small_dataset(8, seed=1),
