@@ -7,7 +7,7 @@ step, the head and loss compiled too.
 
 * dense training step (forward, backward, fused AdamW) of one 12-layer block with the tied head: tokens/s,
   model FLOPs utilisation (3x the forward FLOPs the model counts, over the device's dense bf16 peak from
-  `PEAK_BF16_TFLOPS`), peak memory; eager and compiled. Target: compiled MFU >= 45 %.
+  `lego.training.throughput`), peak memory; eager and compiled. Target: compiled MFU >= 45 %.
 * sparse training step (a later block's: inputs without gradient, loss on the active tokens) at 50 % and 25 %
   active tokens against the dense step: wall-time ratio over its ideal, the forward-FLOP ratio
   (`LEGOBlock.forward_flops`: full work for active tokens, K/V for kept ones). Target <= 1.25x.
@@ -46,9 +46,8 @@ from experiments.bench_common import random_mask
 from lego.layers import SwiGLU, swiglu_hidden_dim
 from lego.model import LEGOBlock, LEGOTransformer, _init_weights
 from lego.moe import MoEConfig, MoEFeedForward, grouped_mm_supported
+from lego.training.throughput import peak_bf16_tflops
 
-# Dense bfloat16 tensor-core peaks (no sparsity), TFLOP/s, matched in order against the device name.
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 TARGETS = {  # (what, bound, "min" or "max")
     "dense_mfu": ("dense compiled MFU", 0.45, "min"),
     "sparse_over_ideal": ("sparse step / its ideal", 1.25, "max"),
@@ -127,11 +126,6 @@ class Bench:
 
     def mask(self, share: float, seed: int) -> Tensor:
         return random_mask(share, self.shape.batch, self.shape.seq, torch.Generator().manual_seed(seed)).to(self.device)
-
-
-def peak_bf16_tflops(device_name: str) -> float | None:
-    """The device's dense bf16 peak from `PEAK_BF16_TFLOPS`, None when it is not listed (no MFU then)."""
-    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in device_name), None)
 
 
 def _block(shape: Shape, layers: int, device: str) -> LEGOBlock:

@@ -177,7 +177,8 @@ class UniversalTrainer:
                 # As LEGO's stages (lego.fitting): "is this layer's argmax right?", on the classifier's detached input.
                 exit_logit = out.exit_logit.reshape(-1).index_select(0, out.logits_index)
                 exit_loss = exit_loss + F.binary_cross_entropy_with_logits(exit_logit.float(), right.float())
-        task = sum((w * layer_losses[i] for i, w in weights.items() if w > 0), zero)
+        # a layer every sequence skipped (layer dropout) has no loss at this step
+        task = sum((w * layer_losses[i] for i, w in weights.items() if w > 0 and i in layer_losses), zero)
         # MoE layers' load-balancing and router z-losses (lego.moe), whatever the preset weights
         moe = sum((loss for block in model.blocks if (loss := block.moe_aux_loss()) is not None), zero)
         total = task + self.config.exit_loss_weight * exit_loss
@@ -312,6 +313,10 @@ class JointTraining:
 
     def param_groups(self, config: LoopConfig) -> list[dict]:
         return self.trainer.param_groups(self.model, config.lr)
+
+    def resume_at(self, step: int) -> None:
+        """A resumed run continues its curriculum and layer-dropout draws at the step it stopped at."""
+        self.steps = step
 
     def named_moe_ffns(self) -> dict[str, MoEFeedForward]:
         return self.model.named_moe_ffns()

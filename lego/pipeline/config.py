@@ -26,11 +26,14 @@ from lego.common.runmeta import is_result_neutral
 from lego.data import DataConfig, TokenizerConfig
 from lego.errors import ConfigError, check_one_of
 from lego.fitting import DUMP_DTYPES, FitConfig, StageTraining, check_hard_ratio
+from lego.methods.mod import MoDConfig
 from lego.model import LEGOConfig
 from lego.moe import MoEConfig
 from lego.pipeline.config_help import format_config_groups
+from lego.pipeline.evaluation import CALIBRATIONS, LTT_RISKS
+from lego.training.precision import DEFAULT_PRECISION, PRECISIONS
 
-METHODS = ("lego", "universal")
+METHODS = ("lego", "universal", "mod")
 WANDB_MODES = ("offline", "online", "disabled")
 OBJECTIVES = ("val_ppl", "val_ppl_at_cost")
 
@@ -71,6 +74,11 @@ ModelConf = structured_config(
 )  # fmt: skip
 
 
+ModConf = structured_config(
+    MoDConfig, "ModConf", "`mod` (read by `method=mod`): `lego.methods.mod.MoDConfig`'s fields, see docs/mod.md."
+)
+
+
 @dataclass
 class StageConf(StageTraining):
     """One block of the schedule: its depth, its batch size and how its stage trains (`lego.fitting.StageTraining`:
@@ -93,7 +101,7 @@ class HardRatioConf:
     per_block: list[float] | None = None  # one ratio per block but the last; overrides `value`
 
 
-DUMP_MODES = ("auto", "keep", "delete", "none")  # trainer.dump
+DUMP_MODES = ("auto", "keep", "delete", "none", "stream")  # trainer.dump
 
 
 @dataclass
@@ -103,9 +111,14 @@ class TrainerConf:
     grad_clip: float = 1.0
     # A stage stops as diverged when a step's LM loss is NaN/inf or over this times its first step's (null: NaN/inf)
     divergence_factor: float | None = 3.0
+    # Read a step's losses to the host (W&B, the progress bar, the divergence check) every this many steps
+    log_every_steps: int = FitConfig.log_every_steps
+    # A stage checkpoint every this many steps, besides those at its validations (null: at validations only)
+    checkpoint_every_steps: int | None = FitConfig.checkpoint_every_steps
     threshold_scan: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
-    bf16: bool = True  # bf16 autocast for training forwards on CUDA; the CPU path always stays float32
+    precision: str = DEFAULT_PRECISION  # auto (bf16 autocast on CUDA where supported, else float32) | float32 | bf16
+    compile: bool = False  # torch.compile every layer of the model (LEGOBlock.compile_layers), for CUDA
     # A stage's TrainingData (hard tokens, routed validation set) up to this many MB per rank is held in
     # memory; a larger one is streamed from disk (memory-mapped). 0: always stream; null: never.
     memory_budget_mb: float | None = 1024.0
@@ -113,10 +126,18 @@ class TrainerConf:
     progress: bool = True
     # Each stage's hard-token dump (stage_<k>/hard_tokens.safetensors, the next stage's inputs): keep it; delete
     # it once the next stage is complete; or none: never write it (the next stage's inputs stay in memory and a
-    # resume recomputes them from the token ids by running the frozen blocks). auto: keep, but delete in a
-    # multirun (lego.pipeline.staged._dump_mode).
+    # resume recomputes them from the token ids by running the frozen blocks); or stream: write only the hard tokens'
+    # mask (stage_<k>/hard_mask.npy, 1 byte per token) and make the next stage's inputs for every batch by running
+    # the frozen blocks on the token ids. auto: keep, but delete in a multirun (lego.pipeline.staged._dump_mode).
     dump: str = "auto"
     dump_dtype: str = "bfloat16"  # the dump's hidden states: bfloat16 (half the bytes, docs/benchmarks.md) | float32
+    # The final evaluation's exit thresholds (docs/calibration.md): ratio (the method's own: LEGO's by hard ratio,
+    # Universal's configured one) | ltt (Learn-then-Test on the validation split: the `ltt_risk` is <= ltt_epsilon
+    # with probability >= 1 - ltt_delta)
+    calibration: str = "ratio"
+    ltt_epsilon: float = 0.05
+    ltt_delta: float = 0.1
+    ltt_risk: str = "disagreement"  # disagreement (with the full-depth argmax) | ppl (relative PPL increase)
 
 
 @dataclass
@@ -148,8 +169,9 @@ class RunConfig:
     trainer: TrainerConf = field(default_factory=TrainerConf)
     wandb: WandbConf = field(default_factory=WandbConf)
     objective: ObjectiveConf = field(default_factory=ObjectiveConf)
-    method: str = "lego"  # lego (staged, block by block) | universal (joint, lego.methods.universal)
+    method: str = "lego"  # lego (staged, block by block) | universal (joint, lego.methods.universal) | mod
     universal: dict[str, Any] = field(default_factory=dict)  # method=universal: checked by its own schema
+    mod: ModConf = field(default_factory=ModConf)  # method=mod: Mixture-of-Depths (lego.methods.mod)
     experiment_name: str = "default"
     seed: int = 0
     cache_dir: str = "~/.cache/lego"
@@ -388,6 +410,7 @@ def validate(run: RunConfig) -> None:
         except ValueError as err:
             raise ConfigError(str(err)) from None
     _validate_trainer(run.trainer)
+    mod_config(run.mod)
     run.data.validate()
     run.tokenizer.validate()
 
@@ -413,6 +436,11 @@ def _validate_trainer(trainer: TrainerConf) -> None:
     if trainer.divergence_factor is not None:
         check_number("trainer.divergence_factor", trainer.divergence_factor, low=1, low_open=True,
                      hint="e.g. 3, or null to stop only on NaN/inf")  # fmt: skip
+    if trainer.log_every_steps < 1:
+        raise ConfigError(f"trainer.log_every_steps={trainer.log_every_steps} must be positive, e.g. 10")
+    if trainer.checkpoint_every_steps is not None and trainer.checkpoint_every_steps < 1:
+        raise ConfigError(f"trainer.checkpoint_every_steps={trainer.checkpoint_every_steps} must be positive, "
+                          "or null to checkpoint at validations only")  # fmt: skip
     if not trainer.threshold_scan:
         raise ConfigError("trainer.threshold_scan is empty: give the exit shares to scan, e.g. [0.0,0.5,0.9]")
     for share in trainer.threshold_scan:
@@ -422,7 +450,13 @@ def _validate_trainer(trainer: TrainerConf) -> None:
     if trainer.num_threads is not None and trainer.num_threads < 1:
         raise ConfigError(f"trainer.num_threads={trainer.num_threads} must be positive, or null for torch's default")
     check_one_of("trainer.dump", trainer.dump, DUMP_MODES)
+    check_one_of("trainer.precision", trainer.precision, PRECISIONS)
     check_one_of("trainer.dump_dtype", trainer.dump_dtype, tuple(DUMP_DTYPES))
+    check_one_of("trainer.calibration", trainer.calibration, CALIBRATIONS)
+    check_one_of("trainer.ltt_risk", trainer.ltt_risk, LTT_RISKS)
+    for key in ("ltt_epsilon", "ltt_delta"):
+        check_number(f"trainer.{key}", getattr(trainer, key), low=0, high=1, low_open=True, high_open=True,
+                     hint="e.g. 0.05 (epsilon), 0.1 (delta)")  # fmt: skip
     if trainer.memory_budget_mb is not None:
         check_number("trainer.memory_budget_mb", trainer.memory_budget_mb, low=0,
                      hint="MB >= 0 (0: always stream) or null (always in memory)")  # fmt: skip
@@ -484,6 +518,11 @@ def moe_config(conf: MoEConf) -> MoEConfig | None:
         raise ConfigError(f"model.moe: {err}") from None
 
 
+def mod_config(conf: ModConf) -> MoDConfig:
+    """`mod` as `lego.methods.mod.MoDConfig`, whose checks are one-line ConfigErrors naming the key."""
+    return MoDConfig(**{f.name: getattr(conf, f.name) for f in fields(MoDConfig)})
+
+
 def fit_config(
     run: RunConfig, k: int, hard_ratio: float | None, checkpoint_path: str | None, active_share: float = 1.0
 ) -> FitConfig:
@@ -503,7 +542,9 @@ def fit_config(
         seed=run.seed + k,
         checkpoint_path=checkpoint_path,
         divergence_factor=run.trainer.divergence_factor,
-        bf16_autocast=run.trainer.bf16,
+        log_every_steps=run.trainer.log_every_steps,
+        checkpoint_every_steps=run.trainer.checkpoint_every_steps,
+        precision=run.trainer.precision,
         memory_budget_mb=run.trainer.memory_budget_mb,
         fsdp=run.trainer.fsdp,
     )

@@ -1,28 +1,39 @@
 """Held-out evaluation through TRUE early exit (`evaluate_routed`, from `lego.training.routing`: PPL, accuracy,
-per-block exit statistics), a threshold scan that turns one trained model into a PPL-vs-compute curve, and the
-measured speed-up."""
+per-block exit statistics), a threshold scan that turns one trained model into a PPL-vs-compute curve, the
+exit thresholds by Learn-then-Test (`ltt_calibrate`, `trainer.calibration=ltt`), and the measured speed-up."""
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 
 import torch
 from torch import Tensor
 
-from lego.model import LEGOTransformer
+from lego.model import LEGOTransformer, cross_entropy_rows
+from lego.training.ltt import fixed_sequence_test
+from lego.training.precision import DEFAULT_PRECISION, autocast
 from lego.training.routing import evaluate_routed
 from lego.training.selection import calibrate_threshold
 
 
 @torch.no_grad()
 def set_exit_share(
-    model: LEGOTransformer, val_windows: Tensor, share: float, batch_size: int, device, cache: dict | None = None
+    model: LEGOTransformer,
+    val_windows: Tensor,
+    share: float,
+    batch_size: int,
+    device,
+    cache: dict | None = None,
+    precision: str = DEFAULT_PRECISION,
+    exits: Collection[int] | None = None,
 ) -> None:
     """Set every early-exit threshold so that about `share` of the validation tokens reaching each block
-    exit there (block by block, since who reaches block k depends on the thresholds before it).
+    exit there (block by block, since who reaches block k depends on the thresholds before it); with `exits`,
+    only those blocks' (the others never exit).
 
     `cache` keeps block k's validation confidences per setting of the thresholds before it, so a scan
     over shares computes Block 0's only once."""
@@ -32,11 +43,14 @@ def set_exit_share(
     if share <= 0.0:
         return
     for k, block in enumerate(model.blocks[:-1]):
+        if exits is not None and k not in exits:
+            continue
         key = (k, *(b.threshold for b in model.blocks[:k]))
         if key not in cache:
             confidences = []
             for batch in val_windows.split(batch_size):
-                _, stats = model(batch[:, :-1].to(device), return_stats=True)
+                with autocast(device, precision):
+                    _, stats = model(batch[:, :-1].to(device), return_stats=True)
                 confidences.append(stats.confidences[k].float().cpu())
             cache[key] = torch.cat(confidences)
         block.threshold = calibrate_threshold(cache[key], hard_ratio=1.0 - share)
@@ -51,16 +65,17 @@ def threshold_scan(
     device,
     score_val: bool = False,
     on_share: Callable[[], None] | None = None,
+    precision: str = DEFAULT_PRECISION,
 ) -> list[dict]:
     """Test PPL and cost at a range of exit shares (0 = no early exit: the full-depth model); with `score_val`
     also the validation PPL and cost at each (what a sweeper may tune on). `on_share` is called after each
-    share (progress). The model's own thresholds are restored afterwards."""
+    share (progress). The model's own thresholds are restored afterwards. Forwards in `precision`."""
     saved = [block.threshold for block in model.blocks]
     rows, cache = [], {}
     try:
         for share in sorted({0.0, *shares}):
-            set_exit_share(model, val_windows, share, batch_size, device, cache)
-            result = evaluate_routed(model, test_windows, batch_size, device)
+            set_exit_share(model, val_windows, share, batch_size, device, cache, precision)
+            result = evaluate_routed(model, test_windows, batch_size, device, precision)
             rows.append({
                 "target_exit_share": share,
                 "test_ppl": result["ppl"],
@@ -71,7 +86,7 @@ def threshold_scan(
                 "seconds": result["seconds"],
             })  # fmt: skip
             if score_val:
-                val = evaluate_routed(model, val_windows, batch_size, device)
+                val = evaluate_routed(model, val_windows, batch_size, device, precision)
                 rows[-1].update(val_ppl=val["ppl"], val_honest_cost=val["honest_cost"])
             if on_share:
                 on_share()
@@ -79,6 +94,106 @@ def threshold_scan(
         for block, threshold in zip(model.blocks, saved, strict=True):
             block.threshold = threshold
     return sorted(rows, key=lambda row: row["honest_cost"])
+
+
+CALIBRATIONS = ("ratio", "ltt")  # trainer.calibration: the method's own thresholds, or Learn-then-Test's
+LTT_RISKS = ("disagreement", "ppl")  # trainer.ltt_risk
+LTT_SHARES = tuple(i / 50 for i in range(50))  # the exit shares Learn-then-Test tests, 0 (no exit) first
+PPL_LOSS_BOUND = 1.0  # nats: the `ppl` risk's loss, a window's mean CE increase, clipped to [0, this], over this
+
+
+@torch.no_grad()
+def token_predictions(
+    model: LEGOTransformer, windows: Tensor, batch_size: int, device, precision: str = DEFAULT_PRECISION
+) -> tuple[Tensor, Tensor]:
+    """Every token's argmax and cross-entropy, (n, seq) each, with the blocks' current thresholds."""
+    model.eval()
+    argmax, ce = [], []
+    for batch in windows.split(batch_size):
+        x, y = batch[:, :-1].to(device), batch[:, 1:].to(device)
+        with autocast(device, precision):
+            logits = model(x)
+        ce.append(cross_entropy_rows(logits.flatten(0, 1), y.flatten()).view_as(y).cpu())
+        argmax.append(logits.argmax(dim=-1).cpu())
+    return torch.cat(argmax), torch.cat(ce)
+
+
+def window_losses(routed: tuple[Tensor, Tensor], full: tuple[Tensor, Tensor], risk: str) -> Tensor:
+    """Each window's loss in [0, 1] against the same model at full depth (`token_predictions` of both): its share of
+    tokens whose prediction changed (`disagreement`), or its mean CE increase clipped to [0, PPL_LOSS_BOUND] nats, over
+    the bound (`ppl`). A window is Learn-then-Test's unit: its tokens are not independent draws, windows nearly are."""
+    if risk == "disagreement":
+        return (routed[0] != full[0]).double().mean(dim=1)
+    return (routed[1] - full[1]).double().mean(dim=1).clamp(0.0, PPL_LOSS_BOUND) / PPL_LOSS_BOUND
+
+
+def ltt_level(risk: str, epsilon: float) -> float:
+    """`epsilon` in `window_losses`' units: the share of changed predictions itself; for `ppl` a PPL at most
+    1 + epsilon times full depth's, a mean CE increase of log(1 + epsilon) nats, over the bound."""
+    return epsilon if risk == "disagreement" else math.log1p(epsilon) / PPL_LOSS_BOUND
+
+
+def measured_risk(routed: tuple[Tensor, Tensor], full: tuple[Tensor, Tensor], risk: str) -> float:
+    """The promised quantity, measured: the share of changed predictions, or the relative PPL increase."""
+    if risk == "disagreement":
+        return float((routed[0] != full[0]).double().mean())
+    return math.exp(float(routed[1].double().mean() - full[1].double().mean())) - 1.0
+
+
+def ltt_calibrate(
+    model: LEGOTransformer,
+    val_windows: Tensor,
+    test_windows: Tensor,
+    risk: str,
+    epsilon: float,
+    delta: float,
+    batch_size: int,
+    device,
+    precision: str = DEFAULT_PRECISION,
+) -> dict:
+    """Set the exit thresholds by Learn-then-Test (`lego.training.ltt`): the largest exit share of `LTT_SHARES` whose
+    risk against full depth is certified <= `epsilon` with probability >= 1 - `delta`; returns its record, with the
+    risk then measured on `test_windows` (the thresholds are chosen before the test split is read).
+
+    The blocks calibrated are those the method lets exit (a finite threshold, never the last), with one shared
+    exit share, each block letting that share of the tokens reaching it exit (`set_exit_share`). The grid is fixed
+    on the first half of the validation windows (the share's thresholds) and tested on the second (its risk), so the
+    thresholds tested do not depend on the windows that test them. Share 0 is full depth: risk 0, no pass."""
+    exits = [k for k, block in enumerate(model.blocks[:-1]) if block.threshold < math.inf]
+    half = len(val_windows) // 2
+    grid, calibration = val_windows[:half], val_windows[half:]
+    level, cache = ltt_level(risk, epsilon), {}
+
+    def at(share: float, windows: Tensor) -> tuple[Tensor, Tensor]:
+        set_exit_share(model, grid, share, batch_size, device, cache, precision, exits)
+        return token_predictions(model, windows, batch_size, device, precision)
+
+    def losses() -> Iterator[Tensor]:
+        if not (exits and half):
+            return
+        full = at(0.0, calibration)
+        for share in LTT_SHARES:
+            yield window_losses(at(share, calibration) if share else full, full, risk)
+
+    result = fixed_sequence_test(losses(), level, delta)
+    share = LTT_SHARES[result.chosen] if result.certified else 0.0
+    test_loss = test_risk = 0.0
+    if share:
+        test_full = at(0.0, test_windows)
+        test_routed = at(share, test_windows)  # and the chosen thresholds stay set
+        test_loss = float(window_losses(test_routed, test_full, risk).mean())
+        test_risk = measured_risk(test_routed, test_full, risk)
+    else:
+        set_exit_share(model, grid, 0.0, batch_size, device)  # no exit
+    chosen = result.tested[result.chosen] if result.certified else {}
+    return {
+        "risk": risk, "epsilon": epsilon, "delta": delta, "level": level, "exit_blocks": exits,
+        "exit_share": share, "thresholds": [block.threshold for block in model.blocks[:-1]],
+        "grid_windows": len(grid), "calibration_windows": len(calibration), "certified": result.certified,
+        "val_loss": chosen.get("risk"), "p_value": chosen.get("p_value"),
+        "tested": [{"exit_share": s, **row} for s, row in zip(LTT_SHARES, result.tested, strict=False)],
+        "test_loss": test_loss, "test_risk": test_risk,
+    }  # fmt: skip
 
 
 SPEEDUP_ROUNDS = 9
@@ -103,11 +218,12 @@ def measure_speedup(
     repeats: int = SPEEDUP_ROUNDS,
     max_batches: int = 8,
     on_pass: Callable[[], None] | None = None,
+    precision: str = DEFAULT_PRECISION,
 ) -> dict:
     """Wall time of the forward at full depth over the forward with the current thresholds, on the same
     batches, in `repeats` alternating rounds (the order flips every round, so neither side always runs
     first). Returns the median ratio with its quartiles and every round's ratio: one timing on a shared
-    machine cannot tell 1.1x from noise, the spread can.
+    machine cannot tell 1.1x from noise, the spread can. Both sides run in `precision`.
 
     The noise floor comes from the same passes, at no extra cost: as the order flips, two passes of equal work
     meet at every round boundary (full routed | routed full | full routed ...), and their ratio (earlier over
@@ -129,8 +245,9 @@ def measure_speedup(
         for block, threshold in zip(model.blocks, thresholds, strict=True):
             block.threshold = threshold if routed else float("inf")
         start = time.perf_counter()
-        for batch in batches:
-            model(batch)
+        with autocast(device, precision):
+            for batch in batches:
+                model(batch)
         if on_gpu:  # the kernels still queued belong to this pass
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start

@@ -74,8 +74,8 @@ def format_bytes(nbytes: float) -> str:
 
 @dataclass
 class RunPlan:
-    """A run's plan: per stage its active tokens and training FLOPs (one pass, times its epochs), and the
-    hand-off's need."""
+    """A run's plan: per stage its active tokens and training FLOPs (its passes over its data; with
+    `trainer.dump=stream` the frozen earlier blocks' forward too), and the hand-off's need."""
 
     dump: str
     stage_tokens: list[int]
@@ -104,6 +104,9 @@ def plan_run(model, train_tokens: int, seq_len: int, ratios: list[float], epochs
         3 * passes * block.forward_flops(n, train_tokens, seq_len, n)  # K/V of at most every token
         for block, n, passes in zip(model.blocks, tokens, epochs, strict=True)
     ]
+    if trainer.dump == "stream":  # each stage also runs the frozen blocks before it on every batch, forward only
+        prefix = [block.forward_flops(n, train_tokens, seq_len) for block, n in zip(model.blocks, tokens, strict=False)]
+        flops = [f + passes * sum(prefix[:k]) for k, (f, passes) in enumerate(zip(flops, epochs, strict=True))]
     need = handoff_need(train_tokens, model.dim, ratios, trainer.dump, trainer.dump_dtype, trainer.memory_budget_mb)
     free = shutil.disk_usage(_existing(run_dir)).free
     plan = RunPlan(trainer.dump, tokens, flops, need, free)

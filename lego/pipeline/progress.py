@@ -16,13 +16,15 @@ class StageProgress:
         self.on_event = on_event
         self.started = time.perf_counter()
         self.tokens = 0
+        self.loss = float("nan")
         self.val_ppl: float | None = None
 
     def __call__(self, event: dict) -> None:
         if event["kind"] == "step":
             self.tokens += event["tokens"]
             rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
-            postfix = {"loss": f"{event['lm_loss']:.3f}", "tok/s": f"{rate:,.0f}"}
+            self.loss = event.get("lm_loss", self.loss)  # the losses come every trainer.log_every_steps steps
+            postfix = {"loss": f"{self.loss:.3f}", "tok/s": f"{rate:,.0f}"}
             if self.val_ppl is not None:
                 postfix["val_ppl"] = f"{self.val_ppl:.1f}"
             self.bar.set_postfix(postfix, refresh=False)

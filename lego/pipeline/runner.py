@@ -40,14 +40,16 @@ from lego.model import LEGOTransformer
 from lego.moe import RoutingTally
 from lego.pipeline.checks import warn_small_splits
 from lego.pipeline.config import RunConfig, model_config, to_run_config
-from lego.pipeline.evaluation import evaluate_routed, measure_speedup, threshold_scan, timing_passes
+from lego.pipeline.evaluation import evaluate_routed, ltt_calibrate, measure_speedup, threshold_scan, timing_passes
 from lego.pipeline.files import read_json, write_json
-from lego.pipeline.methods import get_method
+from lego.pipeline.methods import get_method, method_results
 from lego.pipeline.plots import make_run_plots
 from lego.pipeline.run_dir import RunLock, claim, remove_own_files
 from lego.pipeline.staged import dense_compute_reference
 from lego.pipeline.summary import format_results
 from lego.pipeline.tracking import Tracker
+from lego.training.precision import autocast_dtype, enable_tf32
+from lego.training.throughput import pooled
 from lego.training_data import TrainingData
 
 
@@ -67,12 +69,12 @@ def run_experiment(
     if run.trainer.num_threads:
         torch.set_num_threads(run.trainer.num_threads)
     device = pick_device(run.trainer.device)
+    compute_dtype = autocast_dtype(device, run.trainer.precision)  # bf16 on a device without it: refused here
+    enable_tf32(device)
 
     if rank > 0:
         distributed.barrier()  # rank 0 fills the data cache first, the others then read it
-    prepared = prepare_data(
-        run.data, run.tokenizer, cache_dir=run.cache_dir, progress=run.trainer.progress
-    )
+    prepared = prepare_data(run.data, run.tokenizer, cache_dir=run.cache_dir, progress=run.trainer.progress)
     if rank == 0:
         distributed.barrier()
     unigram_ppl = prepared.unigram_ppl()
@@ -84,13 +86,14 @@ def run_experiment(
         prepared.tokenizer.save(run_dir / "tokenizer.json")
 
     torch.manual_seed(run.seed)  # the same initial weights on every rank
-    model = LEGOTransformer.from_config(model_config(run, prepared.vocab_size)).to(device)
+    model = build_model(run, prepared.vocab_size, device)
     train = TrainingData.from_windows(prepared.train).shard(rank, world)
     val = TrainingData.from_windows(prepared.val).shard(rank, world)
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"model: {n_params / 1e6:.2f}M parameters, blocks of {[b.num_layers for b in model.blocks]} layers, "
-        f"dim {model.dim}, on {device}"
+        f"dim {model.dim}, on {device} in {'bf16 autocast' if compute_dtype else 'float32'}"
+        + (", layers compiled" if run.trainer.compile else "")
     )
 
     mode = run.wandb.mode if rank == 0 else "disabled"  # one W&B run, from rank 0
@@ -121,28 +124,46 @@ def run_experiment(
     return results
 
 
+def build_model(run: RunConfig, vocab_size: int, device: torch.device) -> LEGOTransformer:
+    """The run's model on `device`; with `trainer.compile` every block's layers compiled (`LEGOBlock.compile_layers`,
+    one static shape per compile: the sparse path's padded buckets keep their number small), before any stage
+    trains. torch.compile is lazy: a layer compiles at its first call."""
+    model = LEGOTransformer.from_config(model_config(run, vocab_size)).to(device)
+    if run.trainer.compile:
+        for block in model.blocks:
+            block.compile_layers(dynamic=False)
+    return model
+
+
 def final_results(
     run: RunConfig, model: LEGOTransformer, val_windows, test_windows, stages: list[dict], device
 ) -> dict:
-    batch = run.trainer.eval_batch_size
+    batch, precision = run.trainer.eval_batch_size, run.trainer.precision
     shares = sorted({0.0, *run.trainer.threshold_scan})
     print(
         f"final evaluation: test and validation through the exits, a threshold scan of {len(shares)} exit shares, "
         "then the speed-up timing"
     )
+    trainer, ltt = run.trainer, None
+    if trainer.calibration == "ltt":  # Learn-then-Test's thresholds, chosen on the validation split
+        ltt = ltt_calibrate(model, val_windows, test_windows, trainer.ltt_risk, trainer.ltt_epsilon, trainer.ltt_delta,
+                            batch, device, precision)  # fmt: skip
     total = len(shares) + 2 + timing_passes()  # test, validation, one per scan share, one per timed pass
     with tqdm(total=total, desc="final evaluation", unit="pass", disable=not run.trainer.progress) as bar:
         with RoutingTally(model.named_moe_ffns()) as tally:  # MoE layers' routing of the tokens reaching them
-            test = evaluate_routed(model, test_windows, batch, device)
+            test = evaluate_routed(model, test_windows, batch, device, precision)
         bar.update()
-        val = evaluate_routed(model, val_windows, batch, device)
+        val = evaluate_routed(model, val_windows, batch, device, precision)
         bar.update()
         at_cost = run.objective.metric == "val_ppl_at_cost"
-        scan = threshold_scan(model, val_windows, test_windows, shares, batch, device, at_cost, on_share=bar.update)
+        scan = threshold_scan(
+            model, val_windows, test_windows, shares, batch, device, at_cost, on_share=bar.update, precision=precision
+        )
         bar.set_description("speed-up timing")
         # wall time of full-depth forwards over routed ones on the same test batches, alternating rounds
-        speedup = measure_speedup(model, test_windows, batch, device, on_pass=bar.update)
+        speedup = measure_speedup(model, test_windows, batch, device, on_pass=bar.update, precision=precision)
     full_depth = next(row for row in scan if row["target_exit_share"] == 0.0)
+    own = method_results(run.method)  # what the method adds of its own (MoD: its test routing)
     blocks = []
     for block_row, stage in zip(test["blocks"], stages, strict=True):
         blocks.append({
@@ -154,12 +175,18 @@ def final_results(
             "collect_flops": stage.get("collect_flops", 0.0),
             "best_val_ppl": stage.get("best_val_ppl"),
             "seconds": stage.get("seconds"),
+            "train_seconds": stage.get("train_seconds"),
+            "tokens_per_second": stage.get("tokens_per_second"),
+            "mfu": stage.get("mfu"),
             "evals": stage.get("evals", []),
         })  # fmt: skip
-    # training compute: the training steps plus each stage's hard-token collection forward
-    train_flops = sum(stage.get("train_flops", 0.0) + stage.get("collect_flops", 0.0) for stage in stages)
+    # training compute: the training steps plus each stage's hard-token collection forward (and, streamed, the frozen
+    # earlier blocks' forward that made its inputs)
+    train_flops = sum(stage.get("train_flops", 0.0) + stage.get("collect_flops", 0.0) + stage.get("stream_flops", 0.0)
+                      for stage in stages)  # fmt: skip
     first_stage_tokens = stages[0].get("train_tokens", 0)
     dense_reference = dense_compute_reference(model, first_stage_tokens, test_windows.shape[1] - 1)
+    training = pooled(stages)  # the stages' training throughput, pooled over their seconds
     return {
         "method": run.method,
         "experiment_name": run.experiment_name,
@@ -179,6 +206,8 @@ def final_results(
         "stage_seconds": [stage.get("seconds") for stage in stages],
         "train_flops": train_flops,
         "train_flops_vs_dense": train_flops / dense_reference if dense_reference else None,
+        "train_tokens_per_second": training["tokens_per_second"],
+        "train_mfu": training["mfu"],
         "threshold_scan": scan,
         "test_seconds": test["seconds"],
         "inference_speedup": speedup["median"],
@@ -193,6 +222,9 @@ def final_results(
         "objective_metric": run.objective.metric,
         "objective": objective(run, val["ppl"], scan),
         "moe": tally.summary(),  # per MoE layer: expert load, imbalance, entropy, dropped share ([] when dense)
+        "calibration": trainer.calibration,  # the exit thresholds: the method's own (ratio) or Learn-then-Test's
+        "ltt": ltt,  # calibration=ltt: the promised risk (epsilon, delta), the exit share chosen, the risk on test
+        **(own(run, model, test_windows, device) if own else {}),
     }
 
 

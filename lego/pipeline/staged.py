@@ -6,15 +6,18 @@ Each stage leaves `stage_<k>/` in the run directory:
                             Hidden states in `trainer.dump_dtype`. With N ranks (torchrun) each writes its
                             shard, hard_tokens.rank<r>-of<N>.safetensors. `trainer.dump=delete` (what `auto`, the
                             default, does in a multirun) removes it once stage k+1 is complete;
-                            `trainer.dump=none` never writes it, but
+                            `trainer.dump=none` and `stream` never write it, but
   hard_mask.safetensors     (`trainer.dump=none` only) the token ids with Block k+1's hard tokens as the active
                             mask, from which a resume recomputes Block k+1's inputs (blocks 0..k on the ids)
+  hard_mask.npy             (`trainer.dump=stream` only) Block k+1's hard tokens, 1 byte per training token (one
+                            shard per rank, as the dump): Block k+1's inputs are made from the token ids for every
+                            batch by the frozen blocks 0..k (`StreamedTrainingData`), in training and on a resume
   val_routed.safetensors    the validation tokens routed on to Block k+1, only when larger than trainer.memory_budget_mb
   stats.json                written last: its presence marks the stage complete
   checkpoint.pt             while the stage runs (weights_only-loadable); removed when it completes
 A re-run with the same run directory skips complete stages and resumes an interrupted one, on any
-number of ranks: a complete stage's shards are read back re-sharded (`load_shard`), and only the ones
-the first incomplete stage needs. A resume reads whichever of hard_tokens or hard_mask a stage left, so
+number of ranks: a complete stage's shards are read back re-sharded (`load_shard`, `load_mask_shard`), and only the
+ones the first incomplete stage needs. A resume reads whichever of hard_tokens or hard_mask a stage left, so
 `trainer.dump` may change between a run and its resume. Under torchrun every rank trains on its shard of the data (see
 `lego.fitting`); rank 0 alone writes the shared files.
 """
@@ -22,7 +25,7 @@ the first incomplete stage needs. A resume reads whichever of hard_tokens or har
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -35,17 +38,20 @@ from lego.model import LEGOBlock, LEGOTransformer
 from lego.pipeline.checks import warn_long_warmup
 from lego.pipeline.config import RunConfig, fit_config, hard_ratios
 from lego.pipeline.files import load_weights, read_json, save_weights, write_json
+from lego.pipeline.plan import plan_run, planned_passes
 from lego.pipeline.progress import StageProgress
 from lego.pipeline.tracking import Tracker
-from lego.training.propagation import propagate
+from lego.training.precision import autocast
+from lego.training.propagation import propagate, stream_after
 from lego.training.routing import route
-from lego.training_data import TrainingData, dump_bytes, exceeds_budget, load_shard, shard_path
+from lego.training_data import TrainingData, dump_bytes, exceeds_budget, load_mask_shard, load_shard, shard_path
 
 # Stage metrics measured on the stage's own tokens: from stage 1 on, the tokens the previous block passes on.
 TOKEN_METRICS = ("loss", "lm_loss", "exit_loss", "train_loss", "train_ppl", "val_loss", "val_ppl", "val_acc",
                  "best_val_ppl")  # fmt: skip
 
 
+MASKS = ("mask", "stream")  # the saved inputs made from the stage's own inputs (`_saved_inputs`)
 STATS_KEYS = {"block": int, "best_val_ppl": (int, float), "train_tokens": int, "seconds": (int, float), "evals": list}
 
 
@@ -79,6 +85,7 @@ def train_staged(
     ratios = hard_ratios(run)
     rank, world = distributed.world()
     dump, budget = _dump_mode(run.trainer.dump, len(model.blocks)), run.trainer.memory_budget_mb
+    precision = run.trainer.precision  # every forward's (`lego.training.precision`)
     token_ids = train  # Block 0's data: what a missing dump's inputs are recomputed from
     stage_dirs = [run_dir / f"stage_{k}" for k in range(len(model.blocks))]
     # rank 0 decides for all which stages are complete and what each left for the next one
@@ -89,6 +96,9 @@ def train_staged(
     recomputes = any(need and kind == "mask" for need, kind in zip(needed, saved, strict=True))
     if (dump == "none" and len(model.blocks) > 1) or recomputes:
         _check_recompute_fits(train, model.dim, budget)
+    if not all(complete):
+        for line in _plan(run, model, train, ratios, dump, run_dir).lines():
+            print(line)
     results: list[StageResult] = []
     for k, block in enumerate(model.blocks):
         last = k == len(model.blocks) - 1
@@ -96,6 +106,7 @@ def train_staged(
         embedding = model.embedding if k == 0 else None
         hard_path = stage_dir / "hard_tokens.safetensors"
         mask_path = stage_dir / "hard_mask.safetensors"
+        stream_path = stage_dir / "hard_mask.npy"
         if complete[k]:
             load_weights(model, stage_dir / "model.safetensors")
             stats = read_json(stage_dir / "stats.json", STATS_KEYS)
@@ -104,15 +115,20 @@ def train_staged(
             saved_world = stats.get("ranks", 1)
             if needed[k] and saved[k] == "dump":
                 hard = load_shard(hard_path, saved_world, rank, world, budget)
+            elif needed[k] and saved[k] == "stream":  # made per batch from the stage's own inputs and its mask
+                mask = load_mask_shard(stream_path, saved_world, rank, world)
+                hard = stream_after(block, train, embedding, mask, precision)
             elif needed[k]:  # a mask (checked above): recomputed along the chain of complete stages
                 mask = load_shard(mask_path, saved_world, rank, world, None)
-                hard = _recompute_hard(k, block, train, embedding, mask, run.trainer.eval_batch_size)
+                hard = _recompute_hard(k, block, train, embedding, mask, run.trainer.eval_batch_size, precision)
             results.append(StageResult(stats, resumed=True))
         else:
             active_share = distributed.global_sum(len(train)) / distributed.global_sum(train.targets.numel())
             config = fit_config(run, k, None if last else ratios[k], str(stage_dir / "checkpoint.pt"), active_share)
-            # streamed to disk, read back within trainer.memory_budget_mb; one shard per rank
-            config.hard_data_path = None if last or dump == "none" else str(shard_path(hard_path, rank, world))
+            # streamed to disk, read back within trainer.memory_budget_mb (or only the mask); one shard per rank
+            hand_off = str(shard_path(stream_path if dump == "stream" else hard_path, rank, world))
+            config.hard_data_path = None if last or dump in ("none", "stream") else hand_off
+            config.hard_mask_path = hand_off if dump == "stream" and not last else None
             config.hard_data_dtype = run.trainer.dump_dtype
             total_steps = _total_steps(train, distributed.per_rank(config.batch_size), config.epochs, config.max_steps)
             warn_long_warmup(f"stage {k}", f"block_schedule.blocks[{k}]", config.warmup_steps, total_steps)
@@ -157,7 +173,7 @@ def train_staged(
             # Validation for the next stage: the tokens inference would send on (threshold routing).
             routed_path = shard_path(stage_dir / "val_routed.safetensors", rank, world)
             stream = exceeds_budget(dump_bytes(val.num_sequences, val.seq_len, block.dim), budget)
-            val = route(block, val, embedding, run.trainer.eval_batch_size, routed_path if stream else None)
+            val = route(block, val, embedding, run.trainer.eval_batch_size, routed_path if stream else None, precision)
             train = hard
     return results
 
@@ -179,23 +195,26 @@ def _dump_mode(configured: str, blocks: int) -> str:
 
 
 def _saved_inputs(stage_dir: Path) -> str | None:
-    """What a stage left of the next block's inputs: "dump" (hard_tokens), "mask" (hard_mask: token ids and
-    the hard tokens, `trainer.dump=none`) or None (the last block, or a dump `trainer.dump=delete` removed)."""
+    """What a stage left of the next block's inputs: "dump" (hard_tokens), "mask" (hard_mask.safetensors: token ids
+    and the hard tokens, `trainer.dump=none`), "stream" (hard_mask.npy: the hard tokens, `trainer.dump=stream`) or
+    None (the last block, or a dump `trainer.dump=delete` removed)."""
     if any(stage_dir.glob("hard_tokens*.safetensors")):
         return "dump"
-    return "mask" if any(stage_dir.glob("hard_mask*.safetensors")) else None
+    if any(stage_dir.glob("hard_mask*.safetensors")):
+        return "mask"
+    return "stream" if any(stage_dir.glob("hard_mask*.npy")) else None
 
 
 def _inputs_needed(complete: list[bool], saved: list[str | None]) -> list[bool]:
     """Which complete stages must rebuild the next block's inputs on a resume: the one before the first
-    incomplete stage, and, going back, each one whose next stage left only a mask to recompute from. Decided
-    from the files, not from `trainer.dump`, so a resume may switch between keep, delete and none."""
+    incomplete stage, and, going back, each one whose next stage left only a mask to recompute or stream from.
+    Decided from the files, not from `trainer.dump`, so a resume may switch between keep, delete, none and stream."""
     needed = [False] * len(complete)
     if all(complete):
         return needed  # nothing left to train
     first_incomplete = complete.index(False)
     for k in range(first_incomplete - 1, -1, -1):
-        needed[k] = k == first_incomplete - 1 or (needed[k + 1] and saved[k + 1] == "mask")
+        needed[k] = k == first_incomplete - 1 or (needed[k + 1] and saved[k + 1] in MASKS)
     return needed
 
 
@@ -215,7 +234,7 @@ def _check_inputs_available(stage_dirs: list[Path], needed: list[bool], saved: l
 
 def _rebuildable(saved: list[str | None], k: int) -> bool:
     """Whether stage k's files give the next block's inputs: its dump, or its mask plus its own inputs."""
-    return saved[k] == "dump" or (saved[k] == "mask" and (k == 0 or _rebuildable(saved, k - 1)))
+    return saved[k] == "dump" or (saved[k] in MASKS and (k == 0 or _rebuildable(saved, k - 1)))
 
 
 def _delete_unneeded_inputs(stage_dirs: list[Path], k: int) -> None:
@@ -225,9 +244,23 @@ def _delete_unneeded_inputs(stage_dirs: list[Path], k: int) -> None:
     needed = _inputs_needed(complete, [_saved_inputs(path) for path in stage_dirs])
     for j in range(k):
         if not needed[j]:
-            for pattern in ("hard_tokens*.safetensors", "hard_mask*.safetensors"):
+            for pattern in ("hard_tokens*.safetensors", "hard_mask*.safetensors", "hard_mask*.npy"):
                 for path in stage_dirs[j].glob(pattern):
                     path.unlink()
+
+
+def _plan(run: RunConfig, model: LEGOTransformer, train: TrainingData, ratios: list[float], dump: str, run_dir: Path):
+    """The run's plan (`lego.pipeline.plan`) over every rank's training tokens, with each stage's planned passes
+    (its batch size as `fit_config` sets it from the tokens reaching it); refused when the disk cannot hold it."""
+    tokens = int(distributed.global_sum(len(train)))
+    sequences = int(distributed.global_sum(train.num_sequences))
+    passes, share = [], 1.0
+    for k, stage in enumerate(run.block_schedule.blocks):
+        batch = stage.batch_size or max(1, round(run.data.batch_size / share))
+        passes.append(planned_passes(sequences, batch, stage.epochs, stage.max_steps))
+        share *= ratios[k] if k < len(ratios) else 1.0
+    trainer = replace(run.trainer, dump=dump)
+    return plan_run(model, tokens, train.seq_len, ratios, passes, trainer, run_dir)
 
 
 def _check_recompute_fits(train: TrainingData, dim: int, budget: float | None) -> None:
@@ -237,19 +270,26 @@ def _check_recompute_fits(train: TrainingData, dim: int, budget: float | None) -
     if exceeds_budget(nbytes, budget):
         raise ConfigError(
             f"trainer.dump=none holds the next stage's inputs in memory ({nbytes / 2**20:.0f} MB per rank), more "
-            f"than trainer.memory_budget_mb={budget}; raise the budget or use trainer.dump=delete"
+            f"than trainer.memory_budget_mb={budget}; use trainer.dump=stream or delete, or raise the budget"
         )
 
 
 def _recompute_hard(
-    k: int, block: LEGOBlock, train: TrainingData, embedding: nn.Embedding | None, mask: TrainingData, batch_size: int
+    k: int,
+    block: LEGOBlock,
+    train: TrainingData,
+    embedding: nn.Embedding | None,
+    mask: TrainingData,
+    batch_size: int,
+    precision: str,
 ) -> TrainingData:
     """Block k+1's inputs without a dump (`trainer.dump=none`): the frozen Block k run again over its own
     inputs (token ids for Block 0, recomputed the same way for later blocks), with the hard tokens stored
     in `mask` as the active ones: the tokens the stage chose, not a new choice that float rounding could
     change at the ratio's boundary."""
     started = time.perf_counter()
-    hidden, _, _ = propagate(block, train, embedding, batch_size)
+    with autocast(block.exit_classifier.weight.device, precision):  # as the stage collected them
+        hidden, _, _ = propagate(block, train, embedding, batch_size)
     print(f"stage {k}: recomputed Block {k + 1}'s inputs from the token ids in {time.perf_counter() - started:.0f}s")
     return TrainingData(hidden, train.targets, mask.active)
 

@@ -28,6 +28,27 @@ def _speedup(results: dict) -> str:
     return figure + (f" ({'; '.join(notes)})" if notes else "")
 
 
+def _throughput(results: dict) -> str:
+    """'training throughput 52,310 tokens/s, MFU 41.2 % (of the devices' dense bf16 peak)'; MFU only where the
+    device's peak is known (not on the CPU)."""
+    rate, mfu = results.get("train_tokens_per_second"), results.get("train_mfu")
+    shown = f"MFU {mfu:.1%} (of the devices' dense bf16 peak)" if mfu is not None else "MFU - (no known peak)"
+    return f"training throughput {_fmt(rate, ',.0f')} tokens/s, {shown}"
+
+
+def _ltt(results: dict) -> list[str]:
+    """The Learn-then-Test exits' line (`trainer.calibration=ltt`): the promise and what the test split measured."""
+    ltt = results.get("ltt")
+    if not ltt:
+        return []
+    what = "predictions changed from full depth" if ltt["risk"] == "disagreement" else "PPL increase over full depth"
+    return [
+        f"Learn-then-Test exits: {what} <= {ltt['epsilon']:.1%} with probability >= {1 - ltt['delta']:.0%} promised "
+        f"(exit share {ltt['exit_share']:.2f}, certified on {ltt['calibration_windows']} validation windows); "
+        f"measured on test {ltt['test_risk']:.2%}, at honest cost {results['honest_cost']:.3f}"
+    ]
+
+
 def format_results(results: dict, run_dir: Path | None = None) -> str:
     rows = [
         f"{'block':>5} {'layers':>6} {'threshold':>9} {'reached':>9} {'exits':>9} {'rate':>6} "
@@ -54,6 +75,8 @@ def format_results(results: dict, run_dir: Path | None = None) -> str:
         f"training compute {results['train_flops'] / 1e12:.2f} TFLOP (steps and hard-token collection) "
         f"({_fmt(results['train_flops_vs_dense'], '.2f')} x a dense pass over Block 0's tokens); "
         f"wall time {results['wall_seconds']:.0f}s",
+        _throughput(results),
+        *_ltt(results),
     ]
     if run_dir is not None:
         lines.append(f"outputs: {run_dir} (results.json, plots/, stage_*/, wandb/)")

@@ -18,6 +18,7 @@ last weights are kept. The `universal` node is a UniversalConfig (plus `preset`)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
@@ -31,7 +32,8 @@ from lego.pipeline.files import load_weights, read_json, save_weights, write_jso
 from lego.pipeline.progress import StageProgress
 from lego.pipeline.staged import diverged, numeric_metrics
 from lego.pipeline.tracking import Tracker
-from lego.training.loop import LoopConfig, LoopResult, Schedule, planned_steps, train_loop
+from lego.training.loop import LoopConfig, LoopResult, Method, Schedule, planned_steps, train_loop
+from lego.training.throughput import throughput
 from lego.training_data import TrainingData
 
 
@@ -49,34 +51,50 @@ def train_from_run(
         print(f"universal: training complete in {stage_dir}, loaded (delete the folder to retrain)")
         return read_json(stage_dir / "stats.json", {"blocks": list})["blocks"]
 
-    stage = run.block_schedule.blocks[0]
-    loop = loop_config(run, stage_dir / "checkpoint.pt")
-    total_steps = planned_steps(train.num_batches(loop.batch_size), loop)
-    warn_long_warmup("universal training", "block_schedule.blocks[0]", stage.warmup_steps, total_steps)
-    if Path(loop.checkpoint_path).is_file():
-        print(f"universal: resuming from {loop.checkpoint_path}")
-    method = JointTraining(
-        trainer, model, train, val, stage.epochs, run.trainer.eval_batch_size, seed=run.seed, total_steps=total_steps
-    )
-    progress = StageProgress(0, total_steps, run.trainer.progress, lambda e: tracker.log_step(0, numeric_metrics(e)))
-    try:
-        result = train_loop(method, loop, callback=progress)
-    except TrainingDiverged as err:
-        raise diverged("universal training", err, "block_schedule.blocks[0].lr", stage.lr, run, stage_dir) from None
-    finally:
-        progress.close()
+    epochs, batch = run.block_schedule.blocks[0].epochs, run.trainer.eval_batch_size
+
+    def joint(total_steps: int) -> JointTraining:
+        return JointTraining(trainer, model, train, val, epochs, batch, seed=run.seed, total_steps=total_steps)
+
+    _, result = train_one_stage("universal", run, joint, train, stage_dir, tracker)
     trainer.configure_routing(model)
     blocks = layer_stats(result)
+    speed = throughput(result.train_tokens, sum(result.train_flops), result.seconds, trainer.device)
+    blocks[0].update(train_seconds=result.seconds, **speed)  # on the first layer, with the stage's time
     save_weights(model, stage_dir / "model.safetensors")
     write_json(stage_dir / "stats.json", {"method": "universal", "universal": run.universal, "blocks": blocks,
                                           "moe": result.moe})  # fmt: skip
-    Path(loop.checkpoint_path).unlink(missing_ok=True)
-    tracker.log_stage_end(0, {**blocks[-1], "train_flops": sum(result.train_flops)})
+    (stage_dir / "checkpoint.pt").unlink(missing_ok=True)
+    tracker.log_stage_end(0, {**blocks[-1], "train_flops": sum(result.train_flops), **speed})
     print(
         f"universal: {result.steps} steps, {result.train_tokens:,} tokens, final-layer best val PPL "
         f"{blocks[-1]['best_val_ppl']:.2f}, {result.seconds:.0f}s"
     )
     return blocks
+
+
+def train_one_stage(
+    name: str, run: RunConfig, make_method: Callable[[int], Method], train: TrainingData, stage_dir: Path,
+    tracker: Tracker,
+) -> tuple[Method, LoopResult]:  # fmt: skip
+    """A method that trains as one stage (`universal`, `mod`) through the shared loop: block_schedule.blocks[0]'s
+    settings (`loop_config`), `make_method(planned steps)`, a progress bar logging to W&B, a resume from
+    `stage_dir/checkpoint.pt`, and a divergence as the one line that says what to change."""
+    stage = run.block_schedule.blocks[0]
+    loop = loop_config(run, stage_dir / "checkpoint.pt")
+    total_steps = planned_steps(train.num_batches(loop.batch_size), loop)
+    warn_long_warmup(f"{name} training", "block_schedule.blocks[0]", stage.warmup_steps, total_steps)
+    if Path(loop.checkpoint_path).is_file():
+        print(f"{name}: resuming from {loop.checkpoint_path}")
+    method = make_method(total_steps)
+    progress = StageProgress(0, total_steps, run.trainer.progress, lambda e: tracker.log_step(0, numeric_metrics(e)))
+    try:
+        result = train_loop(method, loop, callback=progress)
+    except TrainingDiverged as err:
+        raise diverged(f"{name} training", err, "block_schedule.blocks[0].lr", stage.lr, run, stage_dir) from None
+    finally:
+        progress.close()
+    return method, result
 
 
 def loop_config(run: RunConfig, checkpoint: Path) -> LoopConfig:
@@ -87,7 +105,8 @@ def loop_config(run: RunConfig, checkpoint: Path) -> LoopConfig:
     return LoopConfig(
         **{**schedule, "patience": None}, batch_size=stage.batch_size or run.data.batch_size, seed=run.seed,
         grad_clip=run.trainer.grad_clip, checkpoint_path=str(checkpoint),
-        divergence_factor=run.trainer.divergence_factor,
+        divergence_factor=run.trainer.divergence_factor, log_every_steps=run.trainer.log_every_steps,
+        checkpoint_every_steps=run.trainer.checkpoint_every_steps,
     )  # fmt: skip
 
 

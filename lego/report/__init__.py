@@ -88,6 +88,11 @@ def _config_table(groups, labels: list[str]) -> str:
     moe = any(run.results.get("moe") for group in groups for run in group.finished)
     if moe:
         columns.insert(-1, "MoE max/mean load")
+    ltt = any(group.stat("ltt_test_risk")[2] for group in groups)  # trainer.calibration=ltt
+    if ltt:
+        columns.insert(-1, "LTT risk: promised / test")
+    mfu = any(group.stat("train_mfu")[2] for group in groups)  # only where a device's peak is known (not the CPU)
+    columns[-1:-1] = ["train tok/s", *(["MFU"] if mfu else [])]
     rows, bad = [], set()
     for i, (group, label) in enumerate(zip(groups, labels, strict=True)):
         if len(group.finished) < len(group.runs):
@@ -104,9 +109,20 @@ def _config_table(groups, labels: list[str]) -> str:
             mean_sd(*group.stat("inference_speedup")[:2]),
             *(mean_sd(*group.stat(f"exit_rate_block_{k}")[:2], ".1%") for k in range(n_blocks)),
             *([mean_sd(*group.stat("moe_imbalance_max")[:2])] if moe else []),
+            *([_ltt_risk(group)] if ltt else []),
+            mean_sd(*group.stat("train_tokens_per_second")[:2], ",.0f"),
+            *([mean_sd(*group.stat("train_mfu")[:2], ".1%")] if mfu else []),
             mean_sd(*group.stat("wall_seconds")[:2], ".0f"),
         ])  # fmt: skip
     return html.table(columns, rows, bad_rows=bad)
+
+
+def _ltt_risk(group) -> str:
+    """'<= 0.05 at 90 % / 0.031 ± 0.004': Learn-then-Test's promise (epsilon, 1 - delta) and the test risk."""
+    (epsilon, _, n), (delta, _, _) = group.stat("ltt_epsilon"), group.stat("ltt_delta")
+    if not n:
+        return "-"
+    return f"<= {epsilon:g} at {1 - delta:.0%} / {mean_sd(*group.stat('ltt_test_risk')[:2], '.3f')}"
 
 
 def _run_table(runs: list[Run]) -> str:

@@ -21,7 +21,8 @@ from lego.common.runmeta import is_result_neutral, parse_overrides
 
 # results.json scalars shown per run, in this order (per-block exit rates follow)
 METRICS = ("test_ppl", "val_ppl", "test_ppl_full_depth", "test_acc", "shallow_ratio", "honest_cost",
-           "compute_cost", "inference_speedup", "train_flops", "train_flops_vs_dense", "wall_seconds")  # fmt: skip
+           "compute_cost", "inference_speedup", "train_flops", "train_flops_vs_dense", "train_tokens_per_second",
+           "train_mfu", "wall_seconds")  # fmt: skip
 
 
 @dataclass
@@ -51,6 +52,9 @@ class Run:
         if moe:
             values["moe_imbalance_max"] = max(_number(row.get("imbalance")) or 0.0 for row in moe)
             values["moe_dropped_max"] = max(_number(row.get("dropped")) or 0.0 for row in moe)
+        ltt = self.results.get("ltt")  # trainer.calibration=ltt: the promised risk (epsilon, delta), its test measure
+        if ltt:
+            values.update({f"ltt_{key}": _number(ltt.get(key)) for key in ("epsilon", "delta", "test_risk")})
         return values
 
     def config_key(self) -> tuple[tuple[str, str], ...]:

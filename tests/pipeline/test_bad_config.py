@@ -39,6 +39,8 @@ OUT_OF_RANGE = {
     "objective.max_honest_cost=nan": "objective.max_honest_cost=nan",
     "trainer.divergence_factor=0.5": "trainer.divergence_factor=0.5 must be a finite number > 1",
     "block_schedule.blocks.0.max_steps=0": "block_schedule.blocks[0].max_steps=0 must be positive",
+    "trainer.log_every_steps=0": "trainer.log_every_steps=0 must be positive",
+    "trainer.checkpoint_every_steps=-5": "trainer.checkpoint_every_steps=-5 must be positive",
     "block_schedule.blocks.0.exit_loss_weight=-1": "block_schedule.blocks[0].exit_loss_weight=-1.0",
 }
 

@@ -55,9 +55,19 @@ def test_the_plan_counts_each_stages_flops_and_refuses_a_disk_too_small(tmp_path
     assert plan.stage_flops[1] == 6 * model.blocks[1].forward_flops(500, 1000, 32, 500)  # two passes
     assert "trainer.dump=keep" in plan.lines()[1]
     monkeypatch.setattr(plan_module.shutil, "disk_usage", lambda path: Usage(10**6, 10**6 - 1000, 1000))
-    with pytest.raises(ConfigError, match=r"trainer.dump=keep needs .* of disk .* are free under .*trainer.dump=stream"):
+    with pytest.raises(ConfigError, match=r"dump=keep needs .* of disk .* are free under .*trainer.dump=stream"):
         plan_run(model, 1000, 32, [0.5], [1.0, 1.0], trainer, tmp_path)
     trainer.dump = "stream"  # 1 + 4 bytes per token: 5000 bytes, still more than 1000 free
     with pytest.raises(ConfigError, match="trainer.dump=stream needs"):
         plan_run(model, 1000, 32, [0.5], [1.0, 1.0], trainer, tmp_path)
     plan_run(model, 100, 32, [0.5], [1.0, 1.0], trainer, tmp_path)  # 500 bytes fit
+
+
+def test_a_streamed_stage_plans_the_frozen_blocks_forward_too(tmp_path):
+    model = _model()
+    keep = SimpleNamespace(dump="keep", dump_dtype="bfloat16", memory_budget_mb=1024)
+    stream = SimpleNamespace(dump="stream", dump_dtype="bfloat16", memory_budget_mb=1024)
+    kept = plan_run(model, 1000, 32, [0.5], [1.0, 2.0], keep, tmp_path)
+    streamed = plan_run(model, 1000, 32, [0.5], [1.0, 2.0], stream, tmp_path)
+    assert streamed.stage_flops[0] == kept.stage_flops[0]
+    assert streamed.stage_flops[1] == kept.stage_flops[1] + 2 * model.blocks[0].forward_flops(1000, 1000, 32)

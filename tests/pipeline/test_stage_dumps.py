@@ -34,7 +34,7 @@ class FakeTracker:
 
     def log_step(self, stage: int, metrics: dict) -> None:
         self.steps.setdefault(stage, set()).update(metrics)
-        if stage == self.stop_stage and metrics.get("step") == self.stop_at and "grad_norm" in metrics:  # a step
+        if stage == self.stop_stage and metrics.get("step") == self.stop_at and "tokens" in metrics:  # a step
             raise Interrupt
 
     def log_stage_end(self, stage: int, stats: dict) -> None:

@@ -88,6 +88,7 @@ def test_rerun_skips_complete_stages(tiny_run, cache_dir):
     proc = run_train("+experiment=tiny", f"hydra.run.dir={tiny_run}", cache_dir=cache_dir)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("complete in") == 2
+    assert "plan:" not in proc.stdout  # nothing left to plan
     after = {k: (tiny_run / f"stage_{k}" / "model.safetensors").stat().st_mtime_ns for k in (0, 1)}
     assert before == after
 
@@ -104,6 +105,12 @@ def test_resume_after_stage_0_trains_only_stage_1(tmp_path, cache_dir):
     proc = run_train(*args, "trainer.dump=delete", cache_dir=cache_dir)  # what a dump is kept as may change
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("complete in") == 1
+    # the plan, printed before training: each stage's FLOPs at most what it then counts, the chosen hand-off
+    planned = [line for line in proc.stdout.splitlines() if line.startswith("plan: ")]
+    assert "hand-off trainer.dump=delete" in planned[1]
+    flops = [float(part.split(" tokens ")[1].split()[0]) for part in planned[0].split(", Block ")]
+    stats = json.loads((run_dir / "stage_1" / "stats.json").read_text())
+    assert 0.5 * flops[1] < stats["train_flops"] <= flops[1]
     assert not list((run_dir / "stage_0").glob("hard_tokens*"))
     assert (run_dir / "stage_0" / "model.safetensors").read_bytes() == stage_0
     assert (run_dir / "stage_1" / "model.safetensors").read_bytes() == final  # deterministic retraining

@@ -77,3 +77,30 @@ def test_layerskip_trains_end_to_end(tmp_path):
     first, last = results["blocks"][0], results["blocks"][-1]
     assert last["train_flops"] < first["train_flops"]  # the last layer was skipped by some sequences
     assert results["thresholds"][0] is not None and results["thresholds"][1] is not None  # exits after 1 and 2
+
+
+def test_a_resumed_layerskip_run_continues_its_curriculum_and_draws(tmp_path):
+    """Killed between checkpoints and resumed, the rotational curriculum and the layer-dropout draws go on at the
+    step they stopped at: the final weights are those of an uninterrupted run."""
+    from lego.training.loop import LoopConfig, train_loop
+
+    config = dict(epochs=1, batch_size=4, warmup_steps=1, patience=None, log_every_steps=1, checkpoint_every_steps=2)
+    data = TrainingData.from_windows(torch.randint(0, 40, (32, 13), generator=torch.Generator().manual_seed(1)))
+
+    def train(checkpoint=None, stop_at=None):
+        trainer, model = make_trainer(UniversalConfig.preset("rising", layer_dropout=0.5, exit_curriculum="rotational"))
+        method = JointTraining(trainer, model, data, data, max_epochs=1, seed=1)
+
+        def kill(event):
+            if event["kind"] == "step" and event["step"] == stop_at:
+                raise KeyboardInterrupt
+
+        loop = LoopConfig(**config, checkpoint_path=None if checkpoint is None else str(checkpoint))
+        train_loop(method, loop, callback=kill if stop_at else None)
+        return model
+
+    reference = train().state_dict()
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "ckpt.pt", stop_at=5)  # the checkpoint holds step 4
+    resumed = train(tmp_path / "ckpt.pt").state_dict()
+    assert all(torch.equal(resumed[key], value) for key, value in reference.items())
