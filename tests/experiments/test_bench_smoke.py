@@ -84,7 +84,8 @@ def test_compare_methods_study_quick(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     report = tmp_path / "results.md"
     args = ["--quick", "--out", str(tmp_path / "runs"), "--report", str(report), "--methods", "dense", "lego r=0.3",
-            "--budgets", "400k", "100k", "--seeds", "0", "1", "--archive", str(tmp_path / "archive")]  # fmt: skip
+            "--budgets", "400k", "100k", "--seeds", "0", "1", "--archive", str(tmp_path / "archive"),
+            "--jobs", "2"]  # fmt: skip
     text = compare_methods.main(args)
     assert report.read_text() == text
     assert text.index("### 100k") < text.index("### 400k")  # budgets by size, whatever the run order
