@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lego import distributed
+from lego.errors import ConfigError, check_number
 from lego.moe import MoEFeedForward
 from lego.sharding import ShardedLayers
 from lego.training.loop import Callback, LoopConfig, Period, Schedule, Step, train_loop
@@ -67,6 +68,10 @@ class StageTraining(Schedule):
     exit_loss_weight: float = 1.0
     soft_exit_labels: bool = False  # BCE target exp(-CE) instead of "argmax == target"
 
+    def check(self, prefix: str = "") -> None:
+        super().check(prefix)
+        check_number(f"{prefix}exit_loss_weight", self.exit_loss_weight, low=0, hint="e.g. 1.0")
+
 
 @dataclass
 class FitConfig(LoopConfig, StageTraining):
@@ -96,7 +101,7 @@ def check_hard_ratio(ratio: float, key: str = "hard_ratio") -> None:
     """The one range check of a hard ratio (`FitConfig` and the pipeline's config validation both call it): a share
     of the tokens strictly between 0 and 1; `key` names it in the error."""
     if not (isinstance(ratio, (int, float)) and 0.0 < ratio < 1.0):
-        raise ValueError(f"{key}={ratio} must be a number in (0, 1): the share of tokens passed on as hard")
+        raise ConfigError(f"{key}={ratio} must be a number in (0, 1): the share of tokens passed on as hard")
 
 
 @dataclass

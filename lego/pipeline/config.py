@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import math
 import re
 import sys
 import types
@@ -24,13 +23,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lego.common.runmeta import is_result_neutral
 from lego.data import DataConfig, TokenizerConfig
-from lego.errors import ConfigError, check_one_of
+from lego.errors import ConfigError, check_count, check_number, check_one_of
 from lego.fitting import DUMP_DTYPES, FitConfig, StageTraining, check_hard_ratio
 from lego.methods.mod import MoDConfig
 from lego.model import LEGOConfig
 from lego.moe import MoEConfig
 from lego.pipeline.config_help import format_config_groups
 from lego.pipeline.evaluation import CALIBRATIONS, LTT_RISKS
+from lego.training.loop import check_loop_settings
 from lego.training.precision import DEFAULT_PRECISION, PRECISIONS
 
 METHODS = ("lego", "universal", "mod")
@@ -405,10 +405,7 @@ def validate(run: RunConfig) -> None:
     ratios = hard_ratios(run)
     for k, ratio in enumerate(ratios):
         key = "hard_ratio.value" if run.hard_ratio.per_block is None else f"hard_ratio.per_block[{k}]"
-        try:
-            check_hard_ratio(ratio, key)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        check_hard_ratio(ratio, key)
     _validate_trainer(run.trainer)
     mod_config(run.mod)
     run.data.validate()
@@ -416,31 +413,14 @@ def validate(run: RunConfig) -> None:
 
 
 def _validate_stage(key: str, stage: StageConf) -> None:
-    for name in ("layers", "epochs", "evals_per_epoch", "patience"):
-        if getattr(stage, name) is not None and getattr(stage, name) < 1:  # patience null: no early stopping
-            raise ConfigError(f"{key}.{name}={getattr(stage, name)} must be at least 1")
-    if stage.warmup_steps < 0:
-        raise ConfigError(f"{key}.warmup_steps={stage.warmup_steps} must be 0 or more")
-    check_number(f"{key}.lr", stage.lr, low=0, low_open=True, hint="e.g. 1e-3")
-    check_number(f"{key}.min_lr_ratio", stage.min_lr_ratio, low=0, high=1, hint="the cosine's floor, e.g. 0.1")
-    check_number(f"{key}.weight_decay", stage.weight_decay, low=0, hint="e.g. 0.1")
-    check_number(f"{key}.exit_loss_weight", stage.exit_loss_weight, low=0, hint="e.g. 1.0")
-    if stage.batch_size is not None and stage.batch_size < 1:
-        raise ConfigError(f"{key}.batch_size={stage.batch_size} must be positive or null")
-    if stage.max_steps is not None and stage.max_steps < 1:
-        raise ConfigError(f"{key}.max_steps={stage.max_steps} must be positive or null")
+    """A stage's own keys here; its training settings' ranges are `StageTraining.check`'s, the one check of them."""
+    check_count(f"{key}.layers", stage.layers)
+    check_count(f"{key}.batch_size", stage.batch_size, null="data.batch_size")
+    stage.check(f"{key}.")
 
 
 def _validate_trainer(trainer: TrainerConf) -> None:
-    check_number("trainer.grad_clip", trainer.grad_clip, low=0, low_open=True, hint="e.g. 1.0")
-    if trainer.divergence_factor is not None:
-        check_number("trainer.divergence_factor", trainer.divergence_factor, low=1, low_open=True,
-                     hint="e.g. 3, or null to stop only on NaN/inf")  # fmt: skip
-    if trainer.log_every_steps < 1:
-        raise ConfigError(f"trainer.log_every_steps={trainer.log_every_steps} must be positive, e.g. 10")
-    if trainer.checkpoint_every_steps is not None and trainer.checkpoint_every_steps < 1:
-        raise ConfigError(f"trainer.checkpoint_every_steps={trainer.checkpoint_every_steps} must be positive, "
-                          "or null to checkpoint at validations only")  # fmt: skip
+    check_loop_settings(trainer, "trainer.")  # the loop's own check of these (LoopConfig)
     if not trainer.threshold_scan:
         raise ConfigError("trainer.threshold_scan is empty: give the exit shares to scan, e.g. [0.0,0.5,0.9]")
     for share in trainer.threshold_scan:
@@ -462,22 +442,6 @@ def _validate_trainer(trainer: TrainerConf) -> None:
                      hint="MB >= 0 (0: always stream) or null (always in memory)")  # fmt: skip
     if not (trainer.device in ("auto", "cpu", "cuda") or trainer.device.startswith("cuda:")):
         raise ConfigError(f"trainer.device={trainer.device!r} is unknown; use auto, cpu, cuda or cuda:N")
-
-
-def check_number(
-    key: str, value: float, *, low: float | None = None, high: float | None = None, low_open: bool = False,
-    high_open: bool = False, hint: str = "",
-) -> None:  # fmt: skip
-    """A ConfigError naming `key` unless `value` is a finite number within [low, high] (open ends where asked)."""
-    inside = math.isfinite(value) and (
-        (low is None or (value > low if low_open else value >= low))
-        and (high is None or (value < high if high_open else value <= high))
-    )
-    if not inside:
-        lower = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
-        upper = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
-        bounds = " and ".join(part for part in (lower, upper) if part)
-        raise ConfigError(f"{key}={value} must be a finite number {bounds}" + (f" ({hint})" if hint else ""))
 
 
 def hard_ratios(run: RunConfig) -> list[float]:

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from lego import distributed
-from lego.errors import TrainingDiverged
+from lego.errors import TrainingDiverged, check_count, check_number
 from lego.moe import RoutingTally, step_routing_metrics
 from lego.sharding import ShardedLayers, is_sharded, shard_optimizer_state
 from lego.training.checkpoint import load_checkpoint, load_trained, save_checkpoint, snapshot
@@ -78,6 +78,29 @@ class Schedule:
     evals_per_epoch: int = 1
     max_steps: int | None = None
 
+    def check(self, prefix: str = "") -> None:
+        """The one range check of these settings (the pipeline's config validation calls it with the stage's key
+        as `prefix`): a ConfigError naming the first one out of range."""
+        check_count(f"{prefix}epochs", self.epochs)
+        check_count(f"{prefix}evals_per_epoch", self.evals_per_epoch)
+        check_count(f"{prefix}patience", self.patience, null="no early stopping")
+        check_count(f"{prefix}max_steps", self.max_steps, null="the epochs' steps")
+        check_count(f"{prefix}warmup_steps", self.warmup_steps, 0)
+        check_number(f"{prefix}lr", self.lr, low=0, low_open=True, hint="e.g. 1e-3")
+        check_number(f"{prefix}min_lr_ratio", self.min_lr_ratio, low=0, high=1, hint="the cosine's floor, e.g. 0.1")
+        check_number(f"{prefix}weight_decay", self.weight_decay, low=0, hint="e.g. 0.1")
+
+
+def check_loop_settings(config, prefix: str = "") -> None:
+    """The range check of the loop settings the `trainer` config group sets (`config`: a LoopConfig or the
+    pipeline's TrainerConf, which have these fields)."""
+    check_number(f"{prefix}grad_clip", config.grad_clip, low=0, low_open=True, hint="e.g. 1.0")
+    if config.divergence_factor is not None:
+        check_number(f"{prefix}divergence_factor", config.divergence_factor, low=1, low_open=True,
+                     hint="e.g. 3, or null to stop only on NaN/inf")  # fmt: skip
+    check_count(f"{prefix}log_every_steps", config.log_every_steps, hint="10")
+    check_count(f"{prefix}checkpoint_every_steps", config.checkpoint_every_steps, null="at validations only")
+
 
 @dataclass
 class LoopConfig(Schedule):
@@ -94,10 +117,9 @@ class LoopConfig(Schedule):
     log_every_steps: int = 10  # read the step's losses to the host (step event, divergence check) this often
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.log_every_steps < 1:
-            raise ValueError("epochs, batch_size, lr and log_every_steps must be positive")
-        if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
-            raise ValueError(f"checkpoint_every_steps must be positive or None, got {self.checkpoint_every_steps}")
+        self.check()
+        check_count("batch_size", self.batch_size)
+        check_loop_settings(self)
 
 
 @dataclass

@@ -150,3 +150,18 @@ def test_bad_data_is_one_line_and_leaves_no_run(tmp_path, cache_dir):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "data.files" in last and "missing.txt" in last
     assert not run_dir.exists()
+
+
+def test_the_loops_own_range_check_is_the_one_the_config_runs():
+    """One range check per setting (issue 19): a notebook's FitConfig gets the message the runner's config gets,
+    without the config key's prefix."""
+    from lego import FitConfig
+    from lego.errors import ConfigError
+
+    for kwargs, message in (({"epochs": 0}, "epochs=0 must be positive"), ({"lr": 0.0}, "lr=0.0 must be a finite"),
+                            ({"hard_ratio": 1.5}, "hard_ratio=1.5 must be a number in (0, 1)"),
+                            ({"exit_loss_weight": -1.0}, "exit_loss_weight=-1.0 must be a finite number >= 0"),
+                            ({"checkpoint_every_steps": 0}, "checkpoint_every_steps=0 must be positive")):  # fmt: skip
+        with pytest.raises(ConfigError) as err:
+            FitConfig(**kwargs)
+        assert str(err.value).startswith(message), err.value
