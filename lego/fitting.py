@@ -114,6 +114,8 @@ class FitStats:
     train_flops: float = 0.0  # forward + backward (3x forward), K/V of kept context tokens included
     collect_flops: float = 0.0  # the forward over the training data that scores tokens for the next block
     stream_flops: float = 0.0  # streamed inputs (trainer.dump=stream): the frozen earlier blocks' forward
+    stream_seconds: float = 0.0  # ... its time (this process's)
+    stream_windows: int = 0  # ... and the windows it ran
     active_tokens: int = 0  # active tokens in the stage's training data
     hard_count: int = 0
     threshold: float | None = None
@@ -204,6 +206,7 @@ def fit_block(
         stats.collect_flops = distributed.global_sum(collect_flops(block, train))
     if isinstance(train, StreamedTrainingData):  # its inputs, made for every batch of training and collection
         stats.stream_flops = distributed.global_sum(train.prefix.flops)
+        stats.stream_seconds, stats.stream_windows = train.prefix.seconds, train.prefix.windows
     stats.seconds = time.perf_counter() - started
     return hard_data, stats
 

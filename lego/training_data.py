@@ -102,7 +102,7 @@ class TrainingData:
         return self.targets.shape[1]
 
     def __len__(self) -> int:
-        return int(self.active.sum())
+        return int(self.active.count_nonzero())  # (a sum would widen the mask to int64 first: 8 bytes a token)
 
     def select(self, rows: Tensor) -> TrainingData:
         """The sequences at `rows` (an index tensor or bool mask), token ids narrower than int32 widened to int64."""
@@ -136,7 +136,7 @@ class TrainingData:
             yield self.select(rows[start : start + batch_size])
 
     def num_batches(self, batch_size: int) -> int:
-        return -(-int(self.active.any(dim=1).sum()) // batch_size)
+        return -(-int(self.active.any(dim=1).count_nonzero()) // batch_size)
 
     def split(self, val_fraction: float, seed: int = 0) -> tuple[TrainingData, TrainingData]:
         """Random split by whole sequences (never by token, which would leak context)."""
@@ -363,11 +363,37 @@ def load_mask_shard(path: str | Path, saved_world: int, rank: int, world: int) -
     return mask
 
 
+class ScratchFloats:
+    """A (sequences, seq) float32 array in a file, written by rows (`scratch[rows] = values`) and read by slices of
+    rows (`scratch[start:stop]`) with plain file reads and writes: its pages stay in the OS's page cache, never in
+    this process's memory (a memory map's would count in its RSS as it is touched), whatever the file's size."""
+
+    def __init__(self, path: Path, shape: tuple[int, int]) -> None:
+        self.shape, self.row_bytes = shape, 4 * shape[1]
+        self.file = open(path, "r+b")  # noqa: SIM115 - closed by scratch_floats
+
+    def __setitem__(self, rows: Tensor, values: Tensor) -> None:
+        """Rows `rows` (ascending) set to `values` (len(rows), seq): one write per run of consecutive rows."""
+        rows, values = rows.tolist(), values.float().contiguous().numpy()
+        start = 0
+        for i in range(1, len(rows) + 1):
+            if i == len(rows) or rows[i] != rows[i - 1] + 1:
+                self.file.seek(rows[start] * self.row_bytes)
+                self.file.write(values[start:i].tobytes())
+                start = i
+
+    def __getitem__(self, index: slice) -> Tensor:
+        start, stop, _ = index.indices(self.shape[0])
+        self.file.seek(start * self.row_bytes)
+        data = np.fromfile(self.file, dtype=np.float32, count=(stop - start) * self.shape[1])
+        return torch.from_numpy(data).view(stop - start, self.shape[1])
+
+
 @contextmanager
-def scratch_floats(near: str | Path, shape: tuple[int, int]) -> Iterator[Tensor]:
-    """A float32 tensor backed by a temporary file beside `near`, removed on exit: scratch space that grows with
-    the data on disk, not in memory. Its blocks are reserved up front (a full disk is one error, not a SIGBUS),
-    and a killed run's file is a stale temporary (`lego.atomic.remove_stale_temporaries`)."""
+def scratch_floats(near: str | Path, shape: tuple[int, int]) -> Iterator[ScratchFloats]:
+    """Float32 scratch space beside `near` (`ScratchFloats`, zeros until written), removed on exit: it grows with the
+    data on disk, not in memory. Its blocks are reserved up front (a full disk is one error, not a SIGBUS), and a
+    killed run's file is a stale temporary (`lego.atomic.remove_stale_temporaries`)."""
     near = Path(near)
     near.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=near.parent, prefix=f".{near.name}.scratch.", suffix=TEMP_SUFFIX)
@@ -375,7 +401,11 @@ def scratch_floats(near: str | Path, shape: tuple[int, int]) -> Iterator[Tensor]
     tmp = Path(name)
     try:
         reserve_space(tmp, 4 * shape[0] * shape[1], near)
-        yield torch.from_numpy(np.memmap(tmp, dtype=np.float32, mode="r+", shape=shape))
+        scratch = ScratchFloats(tmp, shape)
+        try:
+            yield scratch
+        finally:
+            scratch.file.close()
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -454,7 +484,7 @@ class HiddenStateWriter:
         self._array.flush()
         meta = {
             "format": FORMAT, "sequences": self.shape[0], "seq_len": self.shape[1],
-            "active_tokens": int(active.sum()), "dim": self.layout["hidden_states"][1][2],
+            "active_tokens": int(active.count_nonzero()), "dim": self.layout["hidden_states"][1][2],
         }  # fmt: skip
         header = {
             name: {"dtype": d, "shape": shape, "data_offsets": [b, e]} for name, (d, shape, b, e) in self.layout.items()

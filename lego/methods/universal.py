@@ -339,7 +339,7 @@ class JointTraining:
             3 * block.forward_flops(n, n, self.train.seq_len, n if k in logit_layers else 0)
             for k, (block, n) in enumerate(zip(self.blocks, parts.layer_tokens, strict=True), start=1)
         ]
-        terms = {f"layer{i}_loss": float(loss) for i, loss in parts.layer_losses.items()}
+        terms = {f"layer{i}_loss": loss for i, loss in parts.layer_losses.items()}  # on the device: no host sync
         return Step(parts.total, parts.task, parts.exit, parts.tokens, flops, terms)
 
     def validate(self, period: Period) -> dict:

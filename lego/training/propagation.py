@@ -9,6 +9,7 @@ Under torch.distributed `evaluate` reports sums over all ranks' tokens; propagat
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -143,7 +144,7 @@ def propagate_to_file(
 
 @torch.no_grad()
 def score(block: LEGOBlock, data: TrainingData, embedding: nn.Embedding | None, batch_size: int, out: Tensor) -> None:
-    """`propagate`'s confidences alone, into `out` (sequences, seq) float32 (e.g. a memory-mapped file): what the
+    """`propagate`'s confidences alone, into `out` (sequences, seq) float32 (e.g. `ScratchFloats`, a file): what the
     streamed hand-off selects from, without the hidden states. Only sequences with an active token are run, in
     order, `batch_size` at a time; the other rows of `out` are left as they are."""
     was_training = block.training
@@ -164,6 +165,7 @@ class FrozenPrefix:
 
     def __init__(self, embedding: nn.Embedding | None, steps: list[tuple[LEGOBlock, Tensor]], precision: str) -> None:
         self.embedding, self.steps, self.precision, self.flops = embedding, steps, precision, 0.0
+        self.seconds, self.windows = 0.0, 0  # the time it took (on the device: synchronised) and the windows it ran
 
     def then(self, block: LEGOBlock, active: Tensor) -> FrozenPrefix:
         """This prefix followed by `block` on the tokens `active` marks (a new count of FLOPs)."""
@@ -172,6 +174,7 @@ class FrozenPrefix:
     @torch.no_grad()
     def __call__(self, batch: TrainingData, rows: Tensor) -> Tensor:
         """The hidden states after the last block of `batch`, the sequences at `rows`."""
+        started = time.perf_counter()
         weight = self.steps[0][0].exit_classifier.weight
         hidden = block_input(batch, self.embedding, weight)
         with autocast(weight.device, self.precision):
@@ -180,6 +183,8 @@ class FrozenPrefix:
                 mask = active[rows]
                 hidden = block.run(hidden, mask.to(weight.device), "none").hidden
                 self.flops += run_flops(block, int(mask.sum()), mask.numel(), mask.shape[-1])
+        self.seconds += time.perf_counter() - started  # on CUDA, unsynchronised: the time to queue the work
+        self.windows += len(rows)
         return hidden
 
 

@@ -65,7 +65,7 @@ def _select_hard_global(confidence: Tensor, active: Tensor, hard_ratio: float) -
 
 
 DIGIT_BITS = 16  # one radix pass per 16 bits: a 65,536-bin int64 histogram (512 KB), whatever the token count
-CHUNK_TOKENS = 1 << 22  # tokens select_hard_chunked reads at a time
+CHUNK_TOKENS = 1 << 20  # tokens select_hard_chunked reads at a time (about 30 MB of keys and indices)
 
 
 def sortable_keys(confidence: Tensor) -> Tensor:
@@ -97,7 +97,7 @@ def select_hard_chunked(
             index = ((start + flat // seq_len) * world + rank) * seq_len + flat % seq_len
             yield min(rows, sequences - start), flat, keys, index
 
-    n_hard = int(int(distributed.global_sum(int(active.sum()))) * hard_ratio)
+    n_hard = int(int(distributed.global_sum(int(active.count_nonzero()))) * hard_ratio)
     cut_key, cut_index = -1, None  # hard: key < cut_key, or key == cut_key and index <= cut_index (None: any)
     if n_hard > 0:
         cut_key, below, tied = _radix_select(lambda: (keys for _, _, keys, _ in chunks()), n_hard, 32)

@@ -189,3 +189,26 @@ def test_the_threshold_is_a_number_the_buffer_keeps_and_loads():
         out = other.blocks[0].run(h, None, logits_for="active")
     assert calls == []  # the dense path and the exit decision read nothing
     assert torch.equal(out.should_exit, out.confidence >= other.blocks[0].threshold_)
+
+
+def test_a_universal_joint_step_reads_nothing_between_logged_steps():
+    """The Universal joint training (every layer's loss as a logged term) through the same loop: its per-layer losses
+    stay on the device with the rest."""
+    from lego.methods.universal import JointTraining, UniversalConfig, UniversalTrainer
+    from lego.training.loop import LoopConfig
+
+    torch.manual_seed(0)
+    trainer = UniversalTrainer(UniversalConfig.preset("lpt"), vocab_size=30)
+    model = trainer.create_model(dim=16, num_heads=2, num_layers=3, max_seq_len=8)
+    _, train, val = model_and_data()
+    config = LoopConfig(epochs=1, batch_size=4, warmup_steps=1, patience=None, log_every_steps=5)
+    per_step, seen = {}, [0]
+
+    def record(event: dict) -> None:
+        if event["kind"] == "step":
+            per_step[event["step"]], seen[0] = calls[seen[0] :], len(calls)
+
+    with counting_syncs() as calls:
+        train_loop(JointTraining(trainer, model, train, val, max_epochs=1), config, callback=record)
+    quiet = [per_step[step] for step in sorted(per_step) if step not in (1, 5, 10)]
+    assert len(quiet) == 9 and max(map(len, quiet)) == 0, quiet

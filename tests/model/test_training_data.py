@@ -148,3 +148,17 @@ def test_bfloat16_writer_takes_2_dim_plus_5_bytes_per_token(tmp_path):
     loaded = TrainingData.load(path, mmap=True)
     assert torch.equal(loaded.hidden_states, data.hidden_states.bfloat16())
     assert torch.equal(loaded.targets, data.targets) and torch.equal(loaded.active, data.active)
+
+
+def test_scratch_floats_write_rows_and_read_slices_through_the_file(tmp_path):
+    """The streamed hand-off's confidence scratch: rows written in runs, read back by slices, zeros where unwritten,
+    the file gone afterwards."""
+    from lego.training_data import scratch_floats
+
+    values = torch.randn(3, 4)
+    with scratch_floats(tmp_path / "hard_mask.npy", (6, 4)) as scratch:
+        scratch[torch.tensor([1, 2, 4])] = values  # two runs: rows 1-2, then row 4
+        read = scratch[0:6]
+        assert torch.equal(read[[1, 2, 4]], values) and torch.equal(read[[0, 3, 5]], torch.zeros(3, 4))
+        assert torch.equal(scratch[4:5], values[2:])
+    assert list(tmp_path.iterdir()) == []
