@@ -24,14 +24,15 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 
+from lego.data.sources import AUSTEN_ARCHIVE
 from lego.pipeline.plan import format_bytes, handoff_need
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "corpora" / "austen"
 RSS_TARGET = 1.15
 SEQ_LEN = 32  # the tiny experiment's
 HARD_RATIO = 0.5
@@ -47,9 +48,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def write_corpus(directory: Path, n_bytes: int) -> None:
-    """`n_bytes` of English text: the Austen novels repeated, one file per copy (a document each)."""
+    """`n_bytes` of English text: the Austen novels the package embeds, repeated, one file per copy (a document
+    each)."""
     directory.mkdir(parents=True)
-    novels = [path.read_bytes() for path in sorted(CORPUS.glob("*.txt"))]
+    with tarfile.open(AUSTEN_ARCHIVE) as tar:
+        novels = [tar.extractfile(m).read() for m in sorted(tar.getmembers(), key=lambda m: m.name) if m.isfile()]
     written, copy = 0, 0
     while written < n_bytes:
         for text in novels:
