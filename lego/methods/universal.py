@@ -31,10 +31,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lego.errors import DataError
 from lego.methods.universal_config import PRESETS, AlphaSchedule, UniversalConfig
-from lego.model import BlockOutput, LEGOConfig, LEGOTransformer
+from lego.model import LOGIT_CHUNK_ROWS, BlockOutput, LEGOConfig, LEGOTransformer
 from lego.moe import MoEFeedForward
 from lego.training.loop import LoopConfig, Period, Step, Updater
 from lego.training.optim import adamw, param_groups
@@ -400,11 +401,20 @@ def load_teacher(model: LEGOTransformer, path: Path) -> LEGOTransformer:
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Mean per-token KL(p_teacher || p_student) at `temperature`, scaled by T^2 (Hinton et al.) so its
-    gradient keeps its size as T changes. Zero when the two agree."""
-    t = temperature
+    gradient keeps its size as T changes. Zero when the two agree. Over (rows, vocab) logits `LOGIT_CHUNK_ROWS`
+    rows at a time, as the cross-entropy (`lego.model.cross_entropy_rows`): never all rows' float32 log-probs."""
+    keep_graph = torch.is_grad_enabled() and student_logits.requires_grad
+    parts = [
+        checkpoint(_kl_sum, s, t, temperature, use_reentrant=False) if keep_graph else _kl_sum(s, t, temperature)
+        for s, t in zip(student_logits.split(LOGIT_CHUNK_ROWS), teacher_logits.split(LOGIT_CHUNK_ROWS), strict=True)
+    ]
+    return torch.stack(parts).sum() / student_logits.shape[0] * temperature * temperature
+
+
+def _kl_sum(student_logits: Tensor, teacher_logits: Tensor, t: float) -> Tensor:
     student = F.log_softmax(student_logits.float() / t, dim=-1)
     teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * t * t
+    return F.kl_div(student, teacher, log_target=True, reduction="sum")
 
 
 def as_training_data(data: TrainingData | Tensor) -> TrainingData:

@@ -91,3 +91,21 @@ def test_a_teacher_file_that_is_missing_or_of_another_model_is_one_line(tmp_path
     with pytest.raises(DataError, match=r"cannot be loaded into this model \(.*\); give a model.safetensors") as err:
         trainer.prepare(model)
     assert "\n" not in str(err.value)
+
+
+def test_distillation_in_chunks_equals_the_one_shot_kl(monkeypatch):
+    """Distillation reads the logits a chunk of rows at a time (never all rows' float32 log-probs): the same loss
+    and gradient as the one-shot KL."""
+    import lego.methods.universal as universal
+
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(10, 7, generator=gen, requires_grad=True)
+    teacher = torch.randn(10, 7, generator=gen)
+    t = 2.0
+    one_shot = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+                        reduction="batchmean") * t * t  # fmt: skip
+    (expected,) = torch.autograd.grad(one_shot, student)
+    monkeypatch.setattr(universal, "LOGIT_CHUNK_ROWS", 3)  # 4 chunks
+    chunked = distillation_loss(student, teacher, t)
+    (grad,) = torch.autograd.grad(chunked, student)
+    assert torch.allclose(chunked, one_shot, atol=1e-6) and torch.allclose(grad, expected, atol=1e-6)
