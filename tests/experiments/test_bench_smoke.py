@@ -159,12 +159,12 @@ def test_compare_methods_chooses_each_methods_learning_rate_on_validation(tmp_pa
 
 
 def test_bench_scale_smoke():
-    """Two `train.py` runs at corpus sizes 2x apart with dump=stream: each row has its memory, disk and time, and the
-    verdict on the RSS target is printed (the numbers themselves are the benchmark's, not the test's)."""
+    """One `train.py` run with dump=stream at smoke size: its row has its memory, disk and time (the numbers
+    themselves are the benchmark's, not the test's)."""
     from experiments import bench_scale
 
-    rows = bench_scale.main(["--tokens", "60000", "120000", "--contrast", "--steps", "2"])
-    assert [(row["tokens"], row["dump"]) for row in rows] == [(60_000, "stream"), (120_000, "stream")]
+    rows = bench_scale.main(["--tokens", "60000", "--contrast", "--steps", "2"])
+    assert [(row["tokens"], row["dump"]) for row in rows] == [(60_000, "stream")]
     for row in rows:
         assert row["peak_rss_mb"] > 0 and row["shard_mb"] > 0 and row["prefix_share_of_block0"] > 0
         assert 1.0 <= row["handoff_bytes_per_token"] < 1.5  # the 1-byte mask (and its .npy header), no dump
