@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lego.errors import ConfigError
 from lego.fitting import DUMP_DTYPES
+from lego.training.loop import Schedule, planned_steps
 from lego.training_data import dump_bytes
 
 # Bytes per training token that each hand-off mode writes (disk) or holds (memory) per stage boundary.
@@ -125,7 +126,6 @@ def _existing(path: Path) -> Path:
 
 
 def planned_passes(sequences: int, batch_size: int, epochs: int, max_steps: int | None) -> float:
-    """A stage's passes over its data: `epochs`, fewer when `max_steps` ends it first."""
+    """A stage's passes over its data: `epochs`, fewer when `max_steps` ends it first (the loop's `planned_steps`)."""
     per_epoch = max(1, math.ceil(sequences / batch_size))
-    steps = per_epoch * epochs if max_steps is None else min(per_epoch * epochs, max_steps)
-    return steps / per_epoch
+    return planned_steps(per_epoch, Schedule(epochs=epochs, max_steps=max_steps)) / per_epoch

@@ -41,6 +41,7 @@ from lego.pipeline.files import load_weights, read_json, save_weights, write_jso
 from lego.pipeline.plan import plan_run, planned_passes
 from lego.pipeline.progress import StageProgress
 from lego.pipeline.tracking import Tracker
+from lego.training.loop import planned_steps
 from lego.training.precision import autocast
 from lego.training.propagation import propagate, stream_after
 from lego.training.routing import route
@@ -130,7 +131,7 @@ def train_staged(
             config.hard_data_path = None if last or dump in ("none", "stream") else hand_off
             config.hard_mask_path = hand_off if dump == "stream" and not last else None
             config.hard_data_dtype = run.trainer.dump_dtype
-            total_steps = _total_steps(train, distributed.per_rank(config.batch_size), config.epochs, config.max_steps)
+            total_steps = planned_steps(train.num_batches(distributed.per_rank(config.batch_size)), config)
             warn_long_warmup(f"stage {k}", f"block_schedule.blocks[{k}]", config.warmup_steps, total_steps)
             progress = StageProgress(
                 k,
@@ -292,11 +293,6 @@ def _recompute_hard(
         hidden, _, _ = propagate(block, train, embedding, batch_size)
     print(f"stage {k}: recomputed Block {k + 1}'s inputs from the token ids in {time.perf_counter() - started:.0f}s")
     return TrainingData(hidden, train.targets, mask.active)
-
-
-def _total_steps(data: TrainingData, batch_size: int, epochs: int, max_steps: int | None) -> int:
-    steps = data.num_batches(batch_size) * epochs
-    return min(steps, max_steps) if max_steps is not None else steps
 
 
 def numeric_metrics(event: dict) -> dict[str, float]:

@@ -182,7 +182,7 @@ class FrozenPrefix:
                 block.eval()  # frozen: whatever mode a resume or a caller left it in
                 mask = active[rows]
                 hidden = block.run(hidden, mask.to(weight.device), "none").hidden
-                self.flops += run_flops(block, int(mask.sum()), mask.numel(), mask.shape[-1])
+                self.flops += run_flops(block, int(mask.count_nonzero()), mask.numel(), mask.shape[-1])
         self.seconds += time.perf_counter() - started  # on CUDA, unsynchronised: the time to queue the work
         self.windows += len(rows)
         return hidden

@@ -14,11 +14,12 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from lego import FitConfig, LEGOConfig, LEGOTransformer, TrainingData
+from lego import FitConfig, TrainingData
 from lego.errors import TrainingDiverged
 from lego.fitting import BlockMethod
 from lego.training.loop import train_loop
 from lego.training.selection import select_hard
+from tests.model.test_resume import setup
 
 SYNCING = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "numpy")
 # The sparse path's own reads, whose shapes depend on the data: LEGOBlock.run tests the mask (all, any) and the
@@ -50,12 +51,7 @@ def counting_syncs():
 
 
 def model_and_data(sequences: int = 48):
-    torch.manual_seed(0)
-    model = LEGOTransformer.from_config(LEGOConfig(vocab_size=30, dim=16, num_heads=2, layers_per_block=[1, 1]))
-    gen = torch.Generator().manual_seed(0)
-    train = TrainingData.from_windows(torch.randint(0, 30, (sequences, 9), generator=gen))
-    val = TrainingData.from_windows(torch.randint(0, 30, (8, 9), generator=gen))
-    return model, train, val
+    return setup(sequences)
 
 
 def syncs_per_step(block, train, val, embedding, **overrides) -> dict[int, list[str]]:
