@@ -142,18 +142,18 @@ def jobs_for(
     ]
 
 
-def sweep_jobs(methods: list[str]) -> list[Job]:
-    """The learning-rate sweep: every method at every rate of LR_GRID, seed 0, at TUNE_BUDGET."""
-    return [Job(method, TUNE_BUDGET, 0, lr) for method in methods for lr in LR_GRID]
+def sweep_jobs(methods: list[str], budget: str = TUNE_BUDGET) -> list[Job]:
+    """The learning-rate sweep: every method at every rate of LR_GRID, seed 0, at `budget`."""
+    return [Job(method, budget, 0, lr) for method in methods for lr in LR_GRID]
 
 
-def chosen_rates(sweep_dir: Path, methods: list[str]) -> dict[str, float]:
-    """Each method's rate with the lowest validation objective among its finished sweep runs in `sweep_dir`
-    (methods with fewer than two finished rates are left out: nothing was chosen)."""
+def chosen_rates(sweep_dir: Path, methods: list[str], budget: str = TUNE_BUDGET) -> dict[str, float]:
+    """Each method's rate with the lowest validation objective among its finished sweep runs at `budget` in
+    `sweep_dir` (methods with fewer than two finished rates are left out: nothing was chosen)."""
     chosen = {}
     for method in methods:
-        scored = [(read_json(sweep_dir / job.name / "results.json")["objective"], job.lr)
-                  for job in sweep_jobs([method]) if (sweep_dir / job.name / "results.json").is_file()]  # fmt: skip
+        finished = [job for job in sweep_jobs([method], budget) if (sweep_dir / job.name / "results.json").is_file()]
+        scored = [(read_json(sweep_dir / job.name / "results.json")["objective"], job.lr) for job in finished]
         if len(scored) >= 2:
             chosen[method] = min(scored)[1]
     return chosen
@@ -379,13 +379,15 @@ def _dense(method: str) -> bool:
     return method.startswith("dense")
 
 
-def lr_sweep_lines(sweep_dir: Path, methods: list[str], rates: dict[str, float]) -> list[str]:
+def lr_sweep_lines(
+    sweep_dir: Path, methods: list[str], rates: dict[str, float], budget: str = TUNE_BUDGET
+) -> list[str]:
     """The learning-rate sweep's table: each method's validation objective at each rate, the chosen one in bold."""
     header = " | ".join(f"lr {lr:g}" for lr in LR_GRID)
     lines = [
         "## Learning rates",
         "",
-        f"Each method's learning rate is tuned, not inherited: seed 0 at {TUNE_BUDGET} tokens at each rate, the "
+        f"Each method's learning rate is tuned, not inherited: seed 0 at {budget} tokens at each rate, the "
         "lowest validation objective (validation PPL with the calibrated exits; never a test number) chosen; the "
         "comparison above runs every method at its chosen rate.",
         "",
@@ -394,11 +396,11 @@ def lr_sweep_lines(sweep_dir: Path, methods: list[str], rates: dict[str, float])
     ]
     for method in methods:
         cells = []
-        for job in sweep_jobs([method]):
+        for job in sweep_jobs([method], budget):
             path = sweep_dir / job.name / "results.json"
             value = f"{read_json(path)['objective']:.2f}" if path.is_file() else "-"
             cells.append(f"**{value}**" if rates.get(method) == job.lr else value)
-        chosen = f"{rates[method]:g}" if method in rates else "not tuned"
+        chosen = f"{rates[method]:g}" if method in rates else "not tuned: its preset's"
         lines.append(f"| {method} | {' | '.join(cells)} | {chosen} |")
     return [*lines, ""]
 
@@ -611,7 +613,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"training-token budgets, in the order given (default: {' '.join(DEFAULT_BUDGETS)})")
     parser.add_argument("--tune-lr", action="store_true",
                         help=f"first sweep each method's learning rate ({', '.join(map(str, LR_GRID))}) at "
-                             f"{TUNE_BUDGET}, then compare at the chosen rates")  # fmt: skip
+                             "--tune-budget, then compare at the chosen rates")  # fmt: skip
+    parser.add_argument("--tune-budget", choices=list(BUDGETS), default=TUNE_BUDGET,
+                        help=f"the learning-rate sweep's budget (default: {TUNE_BUDGET})")
     parser.add_argument("--peers", action="store_true",
                         help="the peer study: dense, LEGO r=0.3/0.5, MoD, LayerSkip at 800k and 3.2M tokens, tuned "
                              "learning rates, into outputs/peers, docs/peers.md and docs/peer_runs")  # fmt: skip
@@ -632,15 +636,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def tune_rates(args: argparse.Namespace) -> tuple[dict[str, float], list[str]]:
     """Run (or resume) the learning-rate sweep in `<out>/lr_sweep`, archive it, and return each method's chosen
     rate and the report's table of the sweep."""
-    sweep = sweep_jobs(args.methods)
+    sweep = sweep_jobs(args.methods, args.tune_budget)
     out, archive = args.out / "lr_sweep", args.archive / "lr_sweep" if args.archive else None
     if not args.report_only:
         run_all(sweep, out, archive, args.quick, args.jobs, args.keep_dumps)
     if archive:
         archive_runs(out, archive, sweep)
-    rates = chosen_rates(archive or out, args.methods)
+    rates = chosen_rates(archive or out, args.methods, args.tune_budget)
     print("learning rates chosen on validation:", ", ".join(f"{m} {lr:g}" for m, lr in rates.items()) or "none")
-    return rates, lr_sweep_lines(archive or out, args.methods, rates)
+    return rates, lr_sweep_lines(archive or out, args.methods, rates, args.tune_budget)
 
 
 def main(argv: list[str] | None = None) -> str:
