@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
@@ -104,6 +104,11 @@ def cross_entropy_rows(logits: Tensor, targets: Tensor, chunk: int = LOGIT_CHUNK
 
 def _cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def _exit_rows(should_exit: Tensor, flat_index: Tensor) -> Tensor:
+    """The rows of a block's active tokens (`flat_index` order) that exit."""
+    return should_exit.reshape(-1).index_select(0, flat_index).nonzero().squeeze(1)
 
 
 class BlockOutput(NamedTuple):
@@ -272,14 +277,28 @@ class LEGOBlock(nn.Module):
         if logits_for == "active":
             logits_index, logits = flat_index, all_logits if all_logits is not None else self.head(normed)
         elif logits_for == "exit" and all_logits is not None:
-            chosen = should_exit.reshape(-1).index_select(0, flat_index).nonzero().squeeze(1)
+            chosen = _exit_rows(should_exit, flat_index)
             logits_index, logits = flat_index.index_select(0, chosen), all_logits.index_select(0, chosen)
         elif logits_for == "exit":
-            chosen = should_exit.reshape(-1).index_select(0, flat_index).nonzero().squeeze(1)
+            chosen = _exit_rows(should_exit, flat_index)
             logits_index, logits = flat_index.index_select(0, chosen), self.head(normed.index_select(0, chosen))
         else:
             logits_index, logits = flat_index[:0], normed.new_zeros(0, self.head.out_features)
         return BlockOutput(hidden, logits, logits_index, exit_logit, confidence, should_exit, active)
+
+    def rethreshold(self, out: BlockOutput, logits_for: LogitsFor = "exit") -> BlockOutput:
+        """`out`, this block's `run(..., logits_for="active")`, as the same call returns it at the current threshold:
+        the exit decision made again and only the logits `logits_for` asks for kept. Nothing before the decision
+        depends on the threshold, so a scan over thresholds runs the block once (the logits come from one head call
+        over every active token instead of one over the chosen rows: equal up to float rounding)."""
+        should_exit = (out.confidence >= self._threshold) & out.active
+        if logits_for == "active":
+            return out._replace(should_exit=should_exit)
+        chosen = _exit_rows(should_exit, out.logits_index) if logits_for == "exit" else out.logits_index[:0]
+        return out._replace(
+            logits=out.logits.index_select(0, chosen), logits_index=out.logits_index.index_select(0, chosen),
+            should_exit=should_exit,
+        )  # fmt: skip
 
     def sparse_layout(self, active: Tensor) -> SparseLayout:
         """The layout of a sparse call, padded and with the attention kernel `sparse_path` gives its device."""
@@ -462,33 +481,56 @@ class LEGOTransformer(nn.Module):
             name: ffn for k, block in enumerate(self.blocks) for name, ffn in block.named_moe_ffns(f"block{k}.").items()
         }
 
-    def forward(self, x: Tensor, return_stats: bool = False) -> Tensor | tuple[Tensor, ExitStats]:
-        """x: (batch, seq) token ids -> logits (batch, seq, vocab), each token's from the block it exited at.
+    def first_block(self, x: Tensor) -> BlockOutput:
+        """Block 0's output on token ids `x` with every token's logits: what `forward(x, first=...)` reuses."""
+        return self.blocks[0].run(self.embedding(x), None, logits_for="active")
 
-        The last block never exits early: every token still active there finishes there.
-        """
-        batch, seq_len = x.shape
-        h = self.embedding(x)
-        logits: Tensor | None = None  # in the head's dtype (bfloat16 under autocast), made at the first block
-        exit_block = torch.full((batch, seq_len), len(self.blocks) - 1, dtype=torch.long, device=x.device)
+    def route(self, x: Tensor, first: BlockOutput | None = None) -> Iterator[tuple[BlockOutput, Tensor] | None]:
+        """TRUE early exit, block by block: for each block, its output on the tokens reaching it (`active`; logits
+        only for those finishing there) and those tokens (`exits`), or None when no token reaches it and it does
+        no work at all. The last block never exits early: every token still active there finishes there.
+
+        `first`: Block 0's output on `x` (`first_block(x)`), used instead of running Block 0 again, so that
+        evaluating one batch at several thresholds computes Block 0 once (only its exit decision depends on
+        the threshold)."""
+        h = self.embedding(x) if first is None else None  # with `first`, Block 0's input is not needed
         remaining: Tensor | None = None  # None = every token (the dense fast path)
-        exit_counts, active_counts, mean_conf, confidences = [], [], [], []
         for k, block in enumerate(self.blocks):
             last = k == len(self.blocks) - 1
             if remaining is not None and not bool(remaining.any()):
-                exit_counts.append(0)  # nothing left: the block does no work at all
+                yield None
+                continue
+            logits_for = "active" if last else "exit"
+            if k == 0 and first is not None:
+                out = block.rethreshold(first, logits_for)
+            else:
+                out = block.run(h, remaining, logits_for)
+            exits = out.active if last else out.should_exit
+            yield out, exits
+            h, remaining = out.hidden, out.active & ~exits
+
+    def forward(
+        self, x: Tensor, return_stats: bool = False, first: BlockOutput | None = None
+    ) -> Tensor | tuple[Tensor, ExitStats]:
+        """x: (batch, seq) token ids -> logits (batch, seq, vocab), each token's from the block it exited at
+        (`route`; `first` as there)."""
+        batch, seq_len = x.shape
+        logits: Tensor | None = None  # in the head's dtype (bfloat16 under autocast), made at the first block
+        exit_block = torch.full((batch, seq_len), len(self.blocks) - 1, dtype=torch.long, device=x.device)
+        exit_counts, active_counts, mean_conf, confidences = [], [], [], []
+        for k, routed in enumerate(self.route(x, first)):
+            if routed is None:
+                exit_counts.append(0)
                 active_counts.append(0)
                 mean_conf.append(float("nan"))
-                confidences.append(h.new_zeros(0))
+                confidences.append(exit_block.new_zeros(0, dtype=torch.float32))
                 continue
-            out = block.run(h, remaining, logits_for="active" if last else "exit")
+            out, exits = routed
             if logits is None:
                 logits = out.logits.new_zeros(batch * seq_len, self.vocab_size)
             logits.index_copy_(0, out.logits_index, out.logits)
-            exits = out.active if last else out.should_exit
-            if not last:
+            if k < len(self.blocks) - 1:
                 exit_block.masked_fill_(exits, k)
-            h, remaining = out.hidden, out.active & ~exits
             n_active = int(out.active.sum())
             exit_counts.append(int(exits.sum()))
             active_counts.append(n_active)

@@ -16,11 +16,10 @@ from torch import Tensor
 from lego.model import LEGOTransformer, cross_entropy_rows
 from lego.training.ltt import fixed_sequence_test
 from lego.training.precision import DEFAULT_PRECISION, autocast
-from lego.training.routing import evaluate_routed
+from lego.training.routing import evaluate_routed, evaluate_settings  # noqa: F401 (evaluate_routed: re-exported)
 from lego.training.selection import calibrate_threshold
 
 
-@torch.no_grad()
 def set_exit_share(
     model: LEGOTransformer,
     val_windows: Tensor,
@@ -32,28 +31,48 @@ def set_exit_share(
     exits: Collection[int] | None = None,
 ) -> None:
     """Set every early-exit threshold so that about `share` of the validation tokens reaching each block
-    exit there (block by block, since who reaches block k depends on the thresholds before it); with `exits`,
-    only those blocks' (the others never exit).
+    exit there (`exit_share_thresholds`); with `exits`, only those blocks' (the others never exit)."""
+    thresholds = exit_share_thresholds(model, val_windows, [share], batch_size, device, cache, precision, exits)
+    for block, threshold in zip(model.blocks, thresholds[share], strict=True):
+        block.threshold = threshold
 
-    `cache` keeps block k's validation confidences per setting of the thresholds before it, so a scan
-    over shares computes Block 0's only once."""
+
+def exit_share_thresholds(
+    model: LEGOTransformer,
+    val_windows: Tensor,
+    shares: list[float],
+    batch_size: int,
+    device,
+    cache: dict | None = None,
+    precision: str = DEFAULT_PRECISION,
+    exits: Collection[int] | None = None,
+    on_pass: Callable[[], None] | None = None,
+) -> dict[float, list[float]]:
+    """For each exit share, every block's threshold so that about that share of the validation tokens reaching
+    the block exit there (block by block, since who reaches block k depends on the thresholds before it; the last
+    block and, with `exits`, the blocks not in it never exit: infinite). A share <= 0 is full depth.
+
+    Block k's confidences are needed once per setting of the thresholds before it: all shares' settings are
+    evaluated in one pass (`evaluate_settings`: Block 0 once per batch), and `cache` keeps them across calls.
+    `on_pass` is called after each pass (progress)."""
     cache = {} if cache is None else cache
-    for block in model.blocks:
-        block.threshold = float("inf")
-    if share <= 0.0:
-        return
-    for k, block in enumerate(model.blocks[:-1]):
+    n = len(model.blocks)
+    chosen = {share: [math.inf] * n for share in shares}
+    for k in range(n - 1):
         if exits is not None and k not in exits:
             continue
-        key = (k, *(b.threshold for b in model.blocks[:k]))
-        if key not in cache:
-            confidences = []
-            for batch in val_windows.split(batch_size):
-                with autocast(device, precision):
-                    _, stats = model(batch[:, :-1].to(device), return_stats=True)
-                confidences.append(stats.confidences[k].float().cpu())
-            cache[key] = torch.cat(confidences)
-        block.threshold = calibrate_threshold(cache[key], hard_ratio=1.0 - share)
+        keys = {share: (k, *chosen[share][:k]) for share in shares if share > 0.0}
+        missing = list(dict.fromkeys(key for key in keys.values() if key not in cache))
+        if missing:
+            # everything reaching block k exits there (-inf): its confidences are what they would be, later blocks idle
+            settings = [[*key[1:], -math.inf, *[math.inf] * (n - k - 1)] for key in missing]
+            results = evaluate_settings(model, val_windows, settings, batch_size, device, precision, keep_confidences=k)
+            cache.update({key: result["confidences"] for key, result in zip(missing, results, strict=True)})
+            if on_pass:
+                on_pass()
+        for share, key in keys.items():
+            chosen[share][k] = calibrate_threshold(cache[key], hard_ratio=1.0 - share)
+    return chosen
 
 
 def threshold_scan(
@@ -64,36 +83,50 @@ def threshold_scan(
     batch_size: int,
     device,
     score_val: bool = False,
-    on_share: Callable[[], None] | None = None,
     precision: str = DEFAULT_PRECISION,
-) -> list[dict]:
+    also: list[list[float]] = (),
+    on_pass: Callable[[], None] | None = None,
+) -> tuple[list[dict], list[dict], list[dict]]:
     """Test PPL and cost at a range of exit shares (0 = no early exit: the full-depth model); with `score_val`
-    also the validation PPL and cost at each (what a sweeper may tune on). `on_share` is called after each
-    share (progress). The model's own thresholds are restored afterwards. Forwards in `precision`."""
-    saved = [block.threshold for block in model.blocks]
-    rows, cache = [], {}
-    try:
-        for share in sorted({0.0, *shares}):
-            set_exit_share(model, val_windows, share, batch_size, device, cache, precision)
-            result = evaluate_routed(model, test_windows, batch_size, device, precision)
-            rows.append({
-                "target_exit_share": share,
-                "test_ppl": result["ppl"],
-                "test_acc": result["acc"],
-                "shallow_ratio": result["shallow_ratio"],
-                "compute_cost": result["compute_cost"],
-                "honest_cost": result["honest_cost"],
-                "seconds": result["seconds"],
-            })  # fmt: skip
-            if score_val:
-                val = evaluate_routed(model, val_windows, batch_size, device, precision)
-                rows[-1].update(val_ppl=val["ppl"], val_honest_cost=val["honest_cost"])
-            if on_share:
-                on_share()
-    finally:
-        for block, threshold in zip(model.blocks, saved, strict=True):
-            block.threshold = threshold
-    return sorted(rows, key=lambda row: row["honest_cost"])
+    also the validation PPL and cost at each (what a sweeper may tune on). Forwards in `precision`; the model's
+    thresholds are left as they were.
+
+    Each split is read once for the whole scan (`evaluate_settings`), together with the threshold settings of
+    `also` (e.g. the model's own, calibrated ones). Returns the scan's rows sorted by honest cost, then the
+    test and the validation `evaluate_routed` results of each setting of `also`. `on_pass` is called after each
+    pass over a split, `scan_passes` of them (progress)."""
+    shares = sorted({0.0, *shares})
+    thresholds = exit_share_thresholds(model, val_windows, shares, batch_size, device, precision=precision,
+                                       on_pass=on_pass)  # fmt: skip
+    settings = [thresholds[share] for share in shares]
+    test = evaluate_settings(model, test_windows, [*also, *settings], batch_size, device, precision)
+    if on_pass:
+        on_pass()
+    val = evaluate_settings(model, val_windows, [*also, *(settings if score_val else [])], batch_size, device,
+                            precision)  # fmt: skip
+    if on_pass:
+        on_pass()
+    rows = []
+    for i, share in enumerate(shares):
+        result = test[len(also) + i]
+        rows.append({
+            "target_exit_share": share,
+            "test_ppl": result["ppl"],
+            "test_acc": result["acc"],
+            "shallow_ratio": result["shallow_ratio"],
+            "compute_cost": result["compute_cost"],
+            "honest_cost": result["honest_cost"],
+            "seconds": result["seconds"],
+        })  # fmt: skip
+        if score_val:
+            rows[-1].update(val_ppl=val[len(also) + i]["ppl"], val_honest_cost=val[len(also) + i]["honest_cost"])
+    return sorted(rows, key=lambda row: row["honest_cost"]), test[: len(also)], val[: len(also)]
+
+
+def scan_passes(model: LEGOTransformer, shares: list[float]) -> int:
+    """How many passes over a split `threshold_scan` makes: one per early-exit block to calibrate the shares'
+    thresholds on validation (none when no share exits), then test, then validation."""
+    return (len(model.blocks) - 1 if any(share > 0.0 for share in shares) else 0) + 2
 
 
 CALIBRATIONS = ("ratio", "ltt")  # trainer.calibration: the method's own thresholds, or Learn-then-Test's

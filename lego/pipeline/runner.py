@@ -40,7 +40,14 @@ from lego.model import LEGOTransformer
 from lego.moe import RoutingTally
 from lego.pipeline.checks import warn_small_splits
 from lego.pipeline.config import RunConfig, model_config, to_run_config
-from lego.pipeline.evaluation import evaluate_routed, ltt_calibrate, measure_speedup, threshold_scan, timing_passes
+from lego.pipeline.evaluation import (
+    evaluate_routed,
+    ltt_calibrate,
+    measure_speedup,
+    scan_passes,
+    threshold_scan,
+    timing_passes,
+)
 from lego.pipeline.files import read_json, write_json
 from lego.pipeline.methods import get_method, method_results
 from lego.pipeline.plots import make_run_plots
@@ -141,24 +148,25 @@ def final_results(
     batch, precision = run.trainer.eval_batch_size, run.trainer.precision
     shares = sorted({0.0, *run.trainer.threshold_scan})
     print(
-        f"final evaluation: test and validation through the exits, a threshold scan of {len(shares)} exit shares, "
-        "then the speed-up timing"
+        f"final evaluation: test and validation through the exits and a threshold scan of {len(shares)} exit shares "
+        "(each split read once), then the speed-up timing"
     )
     trainer, ltt = run.trainer, None
     if trainer.calibration == "ltt":  # Learn-then-Test's thresholds, chosen on the validation split
         ltt = ltt_calibrate(model, val_windows, test_windows, trainer.ltt_risk, trainer.ltt_epsilon, trainer.ltt_delta,
                             batch, device, precision)  # fmt: skip
-    total = len(shares) + 2 + timing_passes()  # test, validation, one per scan share, one per timed pass
-    with tqdm(total=total, desc="final evaluation", unit="pass", disable=not run.trainer.progress) as bar:
-        with RoutingTally(model.named_moe_ffns()) as tally:  # MoE layers' routing of the tokens reaching them
-            test = evaluate_routed(model, test_windows, batch, device, precision)
-        bar.update()
-        val = evaluate_routed(model, val_windows, batch, device, precision)
-        bar.update()
-        at_cost = run.objective.metric == "val_ppl_at_cost"
-        scan = threshold_scan(
-            model, val_windows, test_windows, shares, batch, device, at_cost, on_share=bar.update, precision=precision
-        )
+    moe = model.named_moe_ffns()
+    total = scan_passes(model, shares) + bool(moe) + timing_passes()  # passes over a split: the scan, MoE, timing
+    with tqdm(total=total, desc="final evaluation", unit="pass", disable=not trainer.progress) as bar:
+        calibrated = [block.threshold for block in model.blocks]
+        scan, (test,), (val,) = threshold_scan(
+            model, val_windows, test_windows, shares, batch, device, run.objective.metric == "val_ppl_at_cost",
+            precision, also=[calibrated], on_pass=bar.update,
+        )  # fmt: skip
+        with RoutingTally(moe) as tally:  # MoE layers' routing of the test tokens reaching them, in a pass of its own
+            if moe:
+                evaluate_routed(model, test_windows, batch, device, precision)
+                bar.update()
         bar.set_description("speed-up timing")
         # wall time of full-depth forwards over routed ones on the same test batches, alternating rounds
         speedup = measure_speedup(model, test_windows, batch, device, on_pass=bar.update, precision=precision)

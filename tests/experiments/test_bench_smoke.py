@@ -76,15 +76,16 @@ def test_bench_memory():
 
 
 def test_compare_methods_study_quick(tmp_path, monkeypatch, capsys):
-    """Two methods x two budgets x two seeds at smoke size: the report has per-budget tables with n=2 and a
-    verdict per LEGO method; a re-run resumes (skips every finished run)."""
+    """Two methods x two budgets x two seeds at smoke size, and MoE at one: the report has per-budget tables with
+    n=2, a verdict per LEGO method and the MoE section against its dense-FFN twin; a re-run resumes (skips every
+    finished run)."""
     from experiments import compare_methods
 
     monkeypatch.setenv("LEGO_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     report = tmp_path / "results.md"
     args = ["--quick", "--out", str(tmp_path / "runs"), "--report", str(report), "--methods", "dense", "lego r=0.3",
-            "--budgets", "400k", "100k", "--seeds", "0", "1", "--archive", str(tmp_path / "archive"),
+            "dense MoE", "--budgets", "400k", "100k", "--seeds", "0", "1", "--archive", str(tmp_path / "archive"),
             "--jobs", "2"]  # fmt: skip
     text = compare_methods.main(args)
     assert report.read_text() == text
@@ -95,41 +96,28 @@ def test_compare_methods_study_quick(tmp_path, monkeypatch, capsys):
         verdict = next(line for line in section.splitlines() if line.startswith("- **lego r=0.3**"))
         assert any(word in verdict for word in ("ahead", "behind", "within noise")), verdict
     assert (tmp_path / "results_isoflop.png").stat().st_size > 1000
-    assert len((tmp_path / "runs" / "summary.csv").read_text().splitlines()) == 1 + 8
+    moe = text.split("## Mixture of Experts")[1]
+    row = next(line for line in moe.splitlines() if line.startswith("| dense MoE | 2 |"))
+    assert "(dense)" in row and any(word in row for word in ("ahead", "behind", "within noise")), row
+    assert "![test PPL of experts and dense FFNs](results_moe.png)" in moe
+    assert (tmp_path / "results_moe.png").stat().st_size > 1000
+    results = json.loads(next((tmp_path / "runs" / "dense_MoE").glob("400k/seed0/results.json")).read_text())
+    assert len(results["moe"]) == 4  # every layer of the 4-layer block
+    assert len((tmp_path / "runs" / "summary.csv").read_text().splitlines()) == 1 + 10
     finished = sorted((tmp_path / "runs").glob("*/*/*/results.json"))
-    assert len(finished) == 8
+    assert len(finished) == 10
     assert not list((tmp_path / "runs").glob("*/*/*/stage_*/hard_tokens*.safetensors"))  # dumps removed
     stamps = [path.stat().st_mtime_ns for path in finished]
     capsys.readouterr()
     compare_methods.main(args)  # a re-run skips every finished run
-    assert "8 already finished, 0 to run" in capsys.readouterr().out
+    assert "10 already finished, 0 to run" in capsys.readouterr().out
     assert [path.stat().st_mtime_ns for path in finished] == stamps
     # the archive alone (a few kB a run) reproduces the report, and a study resumes from it
-    assert len(list((tmp_path / "archive").glob("*/*/*/results.json"))) == 8
+    assert len(list((tmp_path / "archive").glob("*/*/*/results.json"))) == 10
     shutil.rmtree(tmp_path / "runs")
     assert compare_methods.main([*args, "--report-only"]) == text
     compare_methods.main(args)
-    assert "8 already finished, 0 to run" in capsys.readouterr().out
-
-
-def test_compare_methods_moe_against_its_dense_twin_quick(tmp_path, monkeypatch):
-    """The study's MoE methods at smoke size: the report's MoE section compares each with its dense-FFN twin."""
-    from experiments import compare_methods
-
-    monkeypatch.setenv("LEGO_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    args = ["--quick", "--out", str(tmp_path / "runs"), "--report", str(tmp_path / "results.md"),
-            "--archive", str(tmp_path / "archive"), "--methods", "dense", "dense MoE", "--budgets", "400k",
-            "--seeds", "0", "1", "--jobs", "2"]  # fmt: skip
-    text = compare_methods.main(args)
-    section = text.split("## Mixture of Experts")[1]
-    row = next(line for line in section.splitlines() if line.startswith("| dense MoE | 2 |"))
-    assert "(dense)" in row and any(word in row for word in ("ahead", "behind", "within noise")), row
-    assert "![test PPL of experts and dense FFNs](results_moe.png)" in section
-    assert (tmp_path / "results_moe.png").stat().st_size > 1000
-    results = json.loads(next((tmp_path / "runs" / "dense_MoE").glob("400k/seed0/results.json")).read_text())
-    assert len(results["moe"]) == 4  # every layer of the 4-layer block
-
+    assert "10 already finished, 0 to run" in capsys.readouterr().out
 
 
 def test_compare_methods_chooses_each_methods_learning_rate_on_validation(tmp_path):
@@ -151,7 +139,8 @@ def test_compare_methods_chooses_each_methods_learning_rate_on_validation(tmp_pa
     assert not any(".lr=" in arg for arg in cm.job_overrides(jobs[1], quick=False))
     lines = cm.lr_sweep_lines(tmp_path, ["dense", "MoD"], rates)
     assert "| dense | 30.00 | **25.00** | 27.00 | - | 0.001 |" in lines
-    assert "| MoD | - | 50.00 | - | - | not tuned |" in lines
+    assert "| MoD | - | 50.00 | - | - | not tuned: its preset's |" in lines
+    assert cm.chosen_rates(tmp_path, ["dense"], "200k") == {}  # the sweep of another budget
     scan = [{"target_exit_share": share, "honest_cost": 1 - share / 2, "test_ppl": 20 + share} for share in (0, .5)]
     groups = {("LayerSkip", "800k"): [{"threshold_scan": scan}, {"threshold_scan": scan}]}
     cm.plot_frontier(groups, "800k", tmp_path / "frontier.png")

@@ -46,6 +46,6 @@ def test_the_final_evaluation_runs_in_the_precision(precision, dtype):
         if isinstance(module, nn.Linear):
             module.register_forward_hook(lambda _, __, out: seen.append(out.dtype))
     windows = torch.randint(0, 40, (8, 9), generator=torch.Generator().manual_seed(0))
-    rows = threshold_scan(model, windows, windows, [0.5], 4, "cpu", score_val=True, precision=precision)
+    rows, _, _ = threshold_scan(model, windows, windows, [0.5], 4, "cpu", score_val=True, precision=precision)
     measure_speedup(model, windows, 4, "cpu", repeats=1, max_batches=1, precision=precision)
     assert len(rows) == 2 and seen and set(seen) == {dtype}
