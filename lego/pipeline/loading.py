@@ -19,8 +19,9 @@ from torch import Tensor
 
 from lego.data import PreparedData, Tokenizer, TokenizerConfig, prepare_data
 from lego.errors import ConfigError, DataError
+from lego.methods.mod import to_mod
 from lego.model import LEGOTransformer
-from lego.pipeline.config import RunConfig, model_config, to_run_config
+from lego.pipeline.config import RunConfig, mod_config, model_config, to_run_config
 from lego.pipeline.files import load_weights, read_json
 
 
@@ -65,10 +66,10 @@ def load_run(run_dir: str | Path, stage: int | None = None, device: str | torch.
     if not run_dir.is_dir():
         raise DataError(f"{run_dir} is not a directory; give the run directory train.py wrote (outputs/<exp>/<date>)")
     config = _run_config(run_dir / "run_config.json")
-    if config.method != "lego":
+    if config.method not in ("lego", "mod"):
         raise DataError(
-            f"{run_dir} is a method={config.method} run; load_run rebuilds method=lego runs only (a Universal "
-            "model's routing comes from its universal config, lego.methods.universal_config)"
+            f"{run_dir} is a method={config.method} run; load_run rebuilds method=lego and method=mod runs only (a "
+            "Universal model's routing comes from its universal config, lego.methods.universal_config)"
         )
     stage = _pick_stage(run_dir, len(config.block_schedule.blocks), stage)
     tokenizer_path = run_dir / "tokenizer.json"
@@ -76,6 +77,8 @@ def load_run(run_dir: str | Path, stage: int | None = None, device: str | torch.
         raise DataError(f"{tokenizer_path} is missing; the run directory is incomplete")
     tokenizer = Tokenizer.from_file(tokenizer_path, kind=config.tokenizer.kind)
     model = LEGOTransformer.from_config(model_config(config, tokenizer.vocab_size))
+    if config.method == "mod":  # its routers (and their causal thresholds) are in the weights file
+        to_mod(model, mod_config(config.mod))
     load_weights(model, run_dir / f"stage_{stage}" / "model.safetensors")
     del model.blocks[stage + 1 :]  # the file holds the whole model, its later blocks still as initialised
     return LoadedRun(model.to(device).eval(), tokenizer, config, stage, run_dir)

@@ -12,6 +12,7 @@ from lego.layers import TransformerLayer, swiglu_hidden_dim
 from lego.methods.mod import MoDConfig, MoDLayer, calibrate_thresholds, forward_flops, mod_layers, routing, to_mod
 from lego.model import LEGOConfig, LEGOTransformer
 from lego.pipeline.config import RunConfig
+from lego.pipeline.loading import load_run
 from lego.pipeline.mod import train_from_run
 from lego.training.routing import evaluate_routed
 from tests.launch import run_train
@@ -139,3 +140,9 @@ def test_mod_tiny_end_to_end(tmp_path, cache_dir):
     ltt = results["ltt"]
     assert results["calibration"] == "ltt" and ltt["exit_blocks"] == [] and ltt["exit_share"] == 0.0
     assert ltt["tested"] == [] and ltt["test_risk"] == 0.0 and results["shallow_ratio"] == 0.0
+    # the run loads back as the model that scored its test PPL: its routers and causal thresholds included
+    loaded = load_run(run_dir)
+    batch = loaded.config.trainer.eval_batch_size
+    test = evaluate_routed(loaded.model, loaded.prepare_data(cache_dir).test, batch, torch.device("cpu"))
+    assert test["ppl"] == pytest.approx(results["test_ppl"], rel=1e-6)
+    assert {name: float(layer.threshold_) for name, layer in mod_layers(loaded.model).items()} == mod["thresholds"]

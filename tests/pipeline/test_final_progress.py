@@ -17,7 +17,8 @@ def test_final_evaluation_shows_progress(tmp_path, cache_dir):
         cwd=REPO, env=offline_env(cache_dir), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "final evaluation: test and validation through the exits and a threshold scan of 2 exit shares" in proc.stdout
+    announced = "final evaluation: test and validation through the exits and a threshold scan of 2 exit shares"
+    assert announced in proc.stdout
     assert proc.stdout.index("final evaluation:") < proc.stdout.index("with early exit;")  # before the wait
     bar = [line for line in proc.stderr.replace("\r", "\n").splitlines() if "speed-up timing" in line]
     total = 1 + 2 + timing_passes()  # tiny has 2 blocks: Block 0's calibration, test, validation, then the timing
