@@ -428,14 +428,50 @@ def plot_frontier(groups: dict[tuple[str, str], list[dict]], budget: str, path: 
     )  # fmt: skip
 
 
+FRONTIER_COST = 0.75  # the frontier verdict: the best test PPL at an honest inference cost of at most this
+
+
+def ppl_within_cost(run: dict, cost: float = FRONTIER_COST) -> float | None:
+    """A run's lowest test PPL at an honest cost of at most `cost` along its threshold scan (linear in cost
+    between neighbouring scan points, so a curve crossing `cost` counts there); None when it is never that cheap."""
+    points = sorted((row["honest_cost"], row["test_ppl"]) for row in run.get("threshold_scan") or [])
+    within = [ppl for c, ppl in points if c <= cost]
+    for (c0, p0), (c1, p1) in zip(points, points[1:], strict=False):
+        if c0 <= cost < c1:
+            within.append(p0 + (p1 - p0) * (cost - c0) / (c1 - c0))
+    return min(within, default=None)
+
+
+def frontier_verdict(groups: dict[tuple[str, str], list[dict]], budget: str) -> str:
+    """Which method is on the frontier at FRONTIER_COST: each method's `ppl_within_cost` over its seeds, the best
+    against the runner-up by the two-standard-error rule."""
+    scored, never = [], []
+    for (method, run_budget), runs in groups.items():
+        values = [ppl_within_cost(run) for run in runs] if run_budget == budget else []
+        if run_budget == budget and all(v is not None for v in values):
+            scored.append((Stat.of(values), method))
+        elif run_budget == budget:
+            never.append(method)
+    scored.sort(key=lambda item: item[0].mean)
+    cells = ", ".join(f"{method} {stat}" for stat, method in scored) or "none"
+    text = f"At an inference cost of at most {FRONTIER_COST:g}x dense's, the best test PPL per method: {cells}"
+    if never:
+        text += f"; never that cheap: {', '.join(sorted(never))}"
+    if len(scored) >= 2:
+        (best, name), (second, other) = scored[0], scored[1]
+        text += f". On the frontier: **{name}**; against {other}: {verdict(best, second)}"
+    return text + "."
+
+
 def frontier_lines(groups: dict[tuple[str, str], list[dict]], budgets: list[str], report_path: Path) -> list[str]:
-    """One frontier plot per budget (`plot_frontier`)."""
+    """One frontier plot per budget (`plot_frontier`) and its verdict (`frontier_verdict`)."""
     lines = ["## Quality against inference cost", ""]
     for budget in budgets:
         if any(run_budget == budget for _, run_budget in groups):
             path = report_path.with_name(f"{report_path.stem}_frontier_{budget}.png")
             plot_frontier(groups, budget, path)
-            lines += [f"![test PPL vs honest inference cost at {budget} tokens]({path.name})", ""]
+            lines += [f"![test PPL vs honest inference cost at {budget} tokens]({path.name})", "",
+                      f"{budget}: {frontier_verdict(groups, budget)}", ""]  # fmt: skip
     return lines
 
 

@@ -147,6 +147,25 @@ def test_compare_methods_chooses_each_methods_learning_rate_on_validation(tmp_pa
     assert (tmp_path / "frontier.png").stat().st_size > 1000
 
 
+def test_the_frontier_verdict_names_the_best_method_at_three_quarters_of_dense_cost():
+    from experiments import compare_methods as cm
+
+    def run(*points):
+        return {"threshold_scan": [{"honest_cost": c, "test_ppl": p} for c, p in points]}
+
+    assert cm.ppl_within_cost(run((1.0, 100.0), (0.5, 120.0))) == pytest.approx(110.0)  # crossing 0.75
+    assert cm.ppl_within_cost(run((1.0, 100.0), (0.7, 104.0), (0.5, 90.0))) == 90.0  # a cheaper, better point
+    assert cm.ppl_within_cost(run((1.0, 100.0))) is None
+    groups = {
+        ("dense", "800k"): [run((1.0, 100.0))] * 2,
+        ("lego r=0.3", "800k"): [run((1.0, 98.0), (0.5, 118.0)), run((1.0, 99.0), (0.5, 119.0))],
+        ("MoD", "800k"): [run((0.6, 120.0)), run((0.6, 121.0))],
+    }
+    text = cm.frontier_verdict(groups, "800k")
+    assert "lego r=0.3 108.50 ± 0.71, MoD 120.50 ± 0.71" in text and "never that cheap: dense" in text
+    assert "On the frontier: **lego r=0.3**; against MoD: ahead" in text
+
+
 def test_bench_scale_smoke():
     """One `train.py` run with dump=stream at smoke size: its row has its memory, disk and time (the numbers
     themselves are the benchmark's, not the test's)."""
