@@ -166,6 +166,8 @@ class Tracker:
     def log_final(self, results: dict, images: dict[str, str | Path]) -> None:
         """Log the run's results: scalars and per-block exit stats as summary, the `exit_stats` table, the plots.
 
+        Learn-then-Test's record and MoD's section give `ltt/<field>` and `mod/<field>` summary values (their scalars:
+        the promised risk next to the measured one, the routing that scored the test PPL).
         MoE runs add the `moe_expert_load` table (layer, expert, share of the routed test slots) and per-layer
         summary values `moe/<layer>/<imbalance|entropy|dropped|tokens>`; the heatmap is the expert_load plot.
         Summary values make runs comparable in the W&B runs table (one column per `block_<k>/<field>`); the table
@@ -186,6 +188,9 @@ class Tracker:
             k = block.get("block", index)
             numbers = {field: value for field, value in block.items() if field != "block" and _is_number(value)}
             summary.update({f"block_{k}/{field}": value for field, value in numbers.items()})
+        for section in RESULT_SECTIONS:  # `ltt/test_risk`, `mod/test_ppl_topk`: a section's numbers, one level deep
+            record = results.get(section) or {}
+            summary.update({f"{section}/{key}": value for key, value in record.items() if _is_scalar(value)})
         moe = results.get("moe") or []
         for row in moe:  # `moe/block1.layer0/imbalance`: comparable across runs in the runs table
             summary.update({f"moe/{row['layer']}/{field}": row[field] for field in MOE_FIELDS})
@@ -270,6 +275,9 @@ class Tracker:
                 os.environ.pop("WANDB_DATA_DIR", None)
             else:
                 os.environ["WANDB_DATA_DIR"] = previous
+
+
+RESULT_SECTIONS = ("ltt", "mod")  # results.json sections whose scalars become summary values
 
 
 def _is_number(value: Any) -> bool:

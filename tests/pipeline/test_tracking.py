@@ -45,6 +45,8 @@ def two_block_results() -> dict:
         "exit_rates": [0.0, 1.0],
         "blocks": blocks,
         "threshold_scan": [{"target_exit_share": 0.0, "test_ppl": 41.5, "honest_cost": 1.0}],
+        "ltt": {"risk": "disagreement", "epsilon": 0.05, "delta": 0.1, "exit_share": 0.3, "certified": True,
+                "test_risk": 0.04, "tested": [{"exit_share": 0.3, "risk": 0.03}]},
     }
 
 
@@ -84,6 +86,9 @@ def test_run_scalars_and_stage_ends_are_summary_values(offline_run):
     assert summary["stage_0/hard_count"] == 120 and summary["stage_0/threshold"] == 0.99
     assert summary["stage_1/hard_count"] == 0 and summary["stage_1/train_tokens"] == 192
     assert "stage_1/threshold" not in summary and "stage_0/evals" not in summary
+    ltt = results["ltt"]  # the promised risk beside the measured one, in the runs table
+    assert summary["ltt/epsilon"] == ltt["epsilon"] and summary["ltt/test_risk"] == ltt["test_risk"]
+    assert summary["ltt/risk"] == "disagreement" and summary["ltt/certified"] is True and "ltt/tested" not in summary
 
 
 def test_config_group_and_run_identity(offline_run):
