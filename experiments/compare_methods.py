@@ -82,6 +82,7 @@ PEER_BUDGETS = ("800k", "3.2M")  # ... at these budgets, each at its own tuned l
 # the learning-rate sweep (`--tune-lr`): each method at these rates (an 8x span), seed 0, at TUNE_BUDGET; the rate
 # with the lowest validation objective (results.json `objective`, never a test number) is the method's
 LR_GRID = (5e-4, 1e-3, 2e-3, 4e-3)
+PRESET_LR = 1e-3  # every compare preset's learning rate (conf/experiment/compare_*.yaml)
 TUNE_BUDGET = "400k"
 # each MoE method and its dense-FFN twin
 MOE_PAIRS = {"dense MoE": DENSE, "lego r=0.3 MoE": "lego r=0.3", "lego r=0.3 MoE in Block 1": "lego r=0.3"}
@@ -131,8 +132,9 @@ def jobs_for(
     methods: list[str], budgets: list[str], seeds: list[int], rates: dict[str, float] | None = None
 ) -> list[Job]:
     """Budget-major, then seed, then method: a study stopped early has whole budgets and balanced seeds. `rates`:
-    each method's tuned learning rate (`chosen_rates`); a method without one runs at its preset's."""
-    rates = rates or {}
+    each method's tuned learning rate (`chosen_rates`); a method without one, or whose chosen rate is its preset's
+    (PRESET_LR), runs at its preset's: the same job as an untuned study's."""
+    rates = {method: lr for method, lr in (rates or {}).items() if lr != PRESET_LR}
     return [
         Job(method, budget, seed, rates.get(method))
         for budget in budgets
@@ -343,7 +345,8 @@ def budget_lines(groups: dict[tuple[str, str], list[dict]], budgets: list[str]) 
         dense_flops = stat(dense, "train_flops").mean if dense else math.nan
         for method, runs in rows:
             flops = Stat.of([run["train_flops"] / dense_flops for run in runs])
-            speedup = stat(runs, "inference_speedup") if not _dense(method) else Stat(math.nan, math.nan, 0)
+            exits = not _dense(method) and any(run["shallow_ratio"] > 0 for run in runs)  # else no speed-up to time
+            speedup = stat(runs, "inference_speedup") if exits else Stat(math.nan, math.nan, 0)
             lines.append(
                 f"| {method} | {len(runs)} | {stat(runs, 'test_ppl')} | {stat(runs, 'test_ppl_full_depth')} | "
                 f"{stat(runs, 'honest_cost')} | {flops} | {speedup} |"
@@ -389,7 +392,7 @@ def lr_sweep_lines(
         "",
         f"Each method's learning rate is tuned, not inherited: seed 0 at {budget} tokens at each rate, the "
         "lowest validation objective (validation PPL with the calibrated exits; never a test number) chosen; the "
-        "comparison above runs every method at its chosen rate.",
+        "comparison above runs every method at its chosen rate (a method not tuned: at its preset's).",
         "",
         f"| method | {header} | chosen |",
         f"| --- | {' | '.join('---:' for _ in LR_GRID)} | ---: |",
@@ -458,8 +461,9 @@ def frontier_verdict(groups: dict[tuple[str, str], list[dict]], budget: str) -> 
     if never:
         text += f"; never that cheap: {', '.join(sorted(never))}"
     if len(scored) >= 2:
-        (best, name), (second, other) = scored[0], scored[1]
-        text += f". On the frontier: **{name}**; against {other}: {verdict(best, second)}"
+        (best, name), others = scored[0], scored[1:]
+        against = "; ".join(f"against {other}: {verdict(best, stat)}" for stat, other in others)
+        text += f". On the frontier: **{name}**; {against}"
     return text + "."
 
 
@@ -597,7 +601,7 @@ def report(
     shown = out.resolve().relative_to(REPO) if out.resolve().is_relative_to(REPO) else out
     any_run = next(iter(groups.values()))[0]
     lines = [
-        "# Results: LEGO vs dense over seeds and token budgets",
+        f"# Results: LEGO {'against its peers' if lr_lines is not None else 'vs dense over seeds and token budgets'}",
         "",
         f"Made by `{command}`. Every finished run's results are kept in `{shown}`: `--report-only` rewrites "
         "this file and the study's sweep report (`report.html`, `summary.csv`, `summary_by_config.csv` in the "
@@ -702,6 +706,10 @@ def main(argv: list[str] | None = None) -> str:
     print(f"sweep report: {files.html} ({files.finished} runs)")
     command = "python experiments/compare_methods.py" + (" --peers" if args.peers else "")
     command += " --quick" if args.quick else ""
+    if args.tune_lr and args.tune_budget != TUNE_BUDGET:
+        command += f" --tune-budget {args.tune_budget}"
+    if args.budgets != list(PEER_BUDGETS if args.peers else DEFAULT_BUDGETS):
+        command += f" --budgets {' '.join(args.budgets)}"
     by_size = sorted(args.budgets, key=lambda name: BUDGETS[name][0] * BUDGETS[name][1])
     text = report(source, jobs, by_size, args.report, command, lr_lines)
     print(text)

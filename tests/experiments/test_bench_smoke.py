@@ -133,10 +133,11 @@ def test_compare_methods_chooses_each_methods_learning_rate_on_validation(tmp_pa
         path.write_text(json.dumps({"objective": objective, "test_ppl": 1.0}))  # the test PPL is never read
     rates = cm.chosen_rates(tmp_path, ["dense", "LayerSkip", "MoD"])
     assert rates == {"dense": 1e-3, "LayerSkip": 4e-3}  # MoD: one finished rate, nothing to choose from
-    jobs = cm.jobs_for(["dense", "MoD"], ["800k"], [0], rates)
-    assert [job.name for job in jobs] == ["dense_lr0.001/800k/seed0", "MoD/800k/seed0"]
-    assert "block_schedule.blocks.0.lr=0.001" in cm.job_overrides(jobs[0], quick=False)
-    assert not any(".lr=" in arg for arg in cm.job_overrides(jobs[1], quick=False))
+    jobs = cm.jobs_for(["dense", "LayerSkip", "MoD"], ["800k"], [0], rates)
+    # dense's chosen rate is its preset's: the untuned study's job; LayerSkip's is not; MoD has none
+    assert [job.name for job in jobs] == ["dense/800k/seed0", "LayerSkip_lr0.004/800k/seed0", "MoD/800k/seed0"]
+    assert "block_schedule.blocks.0.lr=0.004" in cm.job_overrides(jobs[1], quick=False)
+    assert not any(".lr=" in arg for job in (jobs[0], jobs[2]) for arg in cm.job_overrides(job, quick=False))
     lines = cm.lr_sweep_lines(tmp_path, ["dense", "MoD"], rates)
     assert "| dense | 30.00 | **25.00** | 27.00 | - | 0.001 |" in lines
     assert "| MoD | - | 50.00 | - | - | not tuned: its preset's |" in lines
@@ -163,7 +164,7 @@ def test_the_frontier_verdict_names_the_best_method_at_three_quarters_of_dense_c
     }
     text = cm.frontier_verdict(groups, "800k")
     assert "lego r=0.3 108.50 ± 0.71, MoD 120.50 ± 0.71" in text and "never that cheap: dense" in text
-    assert "On the frontier: **lego r=0.3**; against MoD: ahead" in text
+    assert "On the frontier: **lego r=0.3**; against MoD: ahead" in text and "against dense" not in text
 
 
 def test_bench_scale_smoke():
@@ -176,3 +177,17 @@ def test_bench_scale_smoke():
     for row in rows:
         assert row["peak_rss_mb"] > 0 and row["shard_mb"] > 0 and row["prefix_share_of_block0"] > 0
         assert 1.0 <= row["handoff_bytes_per_token"] < 1.5  # the 1-byte mask (and its .npy header), no dump
+
+
+def test_every_compared_methods_preset_trains_at_the_preset_rate():
+    """PRESET_LR is what each method's preset sets: a chosen rate equal to it reuses the untuned job's runs."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments import compare_methods as cm
+    from lego.pipeline.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(cm.REPO / "conf"), version_base="1.3"):
+        for method in cm.METHODS.values():
+            blocks = compose("config", overrides=list(method.overrides)).block_schedule.blocks
+            assert blocks[0].lr == cm.PRESET_LR, method.overrides
