@@ -114,7 +114,8 @@ def test_a_mask_written_by_two_ranks_is_read_back_by_three(tmp_path):
 
 def test_train_py_with_dump_stream_completes_without_a_dump(tiny_run, tmp_path, cache_dir):
     run_dir = tmp_path / "run"
-    proc = run_train("+experiment=tiny", f"hydra.run.dir={run_dir}", "trainer.dump=stream", cache_dir=cache_dir)
+    proc = run_train("+experiment=tiny", f"hydra.run.dir={run_dir}", "trainer.dump=stream", "wandb=disabled",
+                     cache_dir=cache_dir)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not list(run_dir.rglob("hard_tokens*")) and not list(run_dir.rglob("*.tmp"))
     mask = np.load(run_dir / "stage_0" / "hard_mask.npy")
