@@ -175,6 +175,21 @@ def job_overrides(job: Job, quick: bool) -> list[str]:
     return [*method.overrides, f"data.max_train_tokens={tokens}", *schedule, f"seed={job.seed}", *quick_sizes]
 
 
+def with_preset_stand_ins(source: Path, jobs: list[Job]) -> tuple[list[Job], list[str]]:
+    """`jobs` for a report: a tuned job not finished in `source` whose preset-rate twin is, replaced by that twin, and
+    the methods so replaced (the report must say so)."""
+    done = lambda job: (source / job.name / "results.json").is_file()  # noqa: E731
+    replaced, stand_ins = [], []
+    for job in jobs:
+        twin = Job(job.method, job.budget, job.seed)
+        if job.lr is not None and not done(job) and done(twin):
+            replaced.append(twin)
+            stand_ins += [job.method] if job.method not in stand_ins else []
+        else:
+            replaced.append(job)
+    return replaced, stand_ins
+
+
 def run_job(job: Job, out: Path, quick: bool, threads: int | None, keep_dumps: bool) -> str:
     run_dir = out / job.name
     if (run_dir / "results.json").is_file():
@@ -403,7 +418,9 @@ def lr_sweep_lines(
             path = sweep_dir / job.name / "results.json"
             value = f"{read_json(path)['objective']:.2f}" if path.is_file() else "-"
             cells.append(f"**{value}**" if rates.get(method) == job.lr else value)
-        chosen = f"{rates[method]:g}" if method in rates else "not tuned: its preset's"
+        at_edge = rates.get(method) in (LR_GRID[0], LR_GRID[-1])
+        edge = " (the grid's edge: a wider sweep may choose beyond it)" if at_edge else ""
+        chosen = f"{rates[method]:g}{edge}" if method in rates else "not tuned: its preset's"
         lines.append(f"| {method} | {' | '.join(cells)} | {chosen} |")
     return [*lines, ""]
 
@@ -711,6 +728,13 @@ def main(argv: list[str] | None = None) -> str:
     if args.budgets != list(PEER_BUDGETS if args.peers else DEFAULT_BUDGETS):
         command += f" --budgets {' '.join(args.budgets)}"
     by_size = sorted(args.budgets, key=lambda name: BUDGETS[name][0] * BUDGETS[name][1])
+    jobs, stand_ins = with_preset_stand_ins(source, jobs)
+    if stand_ins and lr_lines is not None:
+        lr_lines += [
+            f"Not run yet at their chosen rates: {', '.join(stand_ins)}. Until they are, the tables and plots above "
+            f"show these methods at their preset's rate ({PRESET_LR:g}): a tuning advantage for the others.",
+            "",
+        ]
     text = report(source, jobs, by_size, args.report, command, lr_lines)
     print(text)
     return text

@@ -142,6 +142,15 @@ def test_compare_methods_chooses_each_methods_learning_rate_on_validation(tmp_pa
     assert "| dense | 30.00 | **25.00** | 27.00 | - | 0.001 |" in lines
     assert "| MoD | - | 50.00 | - | - | not tuned: its preset's |" in lines
     assert cm.chosen_rates(tmp_path, ["dense"], "200k") == {}  # the sweep of another budget
+    assert any(line.startswith("| LayerSkip |") and "grid's edge" in line
+               for line in cm.lr_sweep_lines(tmp_path, ["LayerSkip"], rates))  # fmt: skip
+    # a report shows a method's preset-rate runs while those at its chosen rate are not run, and says so
+    twin = tmp_path / "LayerSkip" / "800k" / "seed0" / "results.json"
+    twin.parent.mkdir(parents=True)
+    twin.write_text("{}")
+    shown, stand_ins = cm.with_preset_stand_ins(tmp_path, jobs)
+    assert [job.name for job in shown] == ["dense/800k/seed0", "LayerSkip/800k/seed0", "MoD/800k/seed0"]
+    assert stand_ins == ["LayerSkip"]
     scan = [{"target_exit_share": share, "honest_cost": 1 - share / 2, "test_ppl": 20 + share} for share in (0, .5)]
     groups = {("LayerSkip", "800k"): [{"threshold_scan": scan}, {"threshold_scan": scan}]}
     cm.plot_frontier(groups, "800k", tmp_path / "frontier.png")
