@@ -30,9 +30,8 @@ from experiments.bench_common import median_seconds
 from lego import FitConfig, LEGOConfig, LEGOTransformer, TrainingData
 from lego.data import DataConfig, TokenizerConfig, prepare_data
 from lego.fitting import DUMP_DTYPES
-from lego.pipeline.evaluation import evaluate_routed
 from lego.training.propagation import propagate, propagate_to_file
-from lego.training.routing import route
+from lego.training.routing import evaluate_routed, route
 from lego.training.selection import select_hard
 from lego.training_data import load_within_budget
 

@@ -124,6 +124,9 @@ class BlockOutput(NamedTuple):
     active: Tensor  # (batch, seq) bool: the tokens this call computed
 
 
+Routed = tuple[BlockOutput, Tensor]  # a block's output and the tokens finishing there (`LEGOTransformer.route`)
+
+
 class LEGOBlock(nn.Module):
     """A stack of transformer layers that owns its exit decision.
 
@@ -485,7 +488,7 @@ class LEGOTransformer(nn.Module):
         """Block 0's output on token ids `x` with every token's logits: what `forward(x, first=...)` reuses."""
         return self.blocks[0].run(self.embedding(x), None, logits_for="active")
 
-    def route(self, x: Tensor, first: BlockOutput | None = None) -> Iterator[tuple[BlockOutput, Tensor] | None]:
+    def route(self, x: Tensor, first: BlockOutput | None = None) -> Iterator[Routed | None]:
         """TRUE early exit, block by block: for each block, its output on the tokens reaching it (`active`; logits
         only for those finishing there) and those tokens (`exits`), or None when no token reaches it and it does
         no work at all. The last block never exits early: every token still active there finishes there.

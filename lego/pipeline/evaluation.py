@@ -16,7 +16,7 @@ from torch import Tensor
 from lego.model import LEGOTransformer, cross_entropy_rows
 from lego.training.ltt import fixed_sequence_test
 from lego.training.precision import DEFAULT_PRECISION, autocast
-from lego.training.routing import evaluate_routed, evaluate_settings  # noqa: F401 (evaluate_routed: re-exported)
+from lego.training.routing import evaluate_routed, evaluate_settings
 from lego.training.selection import calibrate_threshold
 
 
@@ -128,6 +128,11 @@ def scan_passes(model: LEGOTransformer, shares: list[float]) -> int:
     thresholds on validation (none when no share exits), then test, then validation."""
     return (len(model.blocks) - 1 if any(share > 0.0 for share in shares) else 0) + 2
 
+
+__all__ = [  # evaluate_routed is this module's too: README's load_run snippet imports it from here
+    "evaluate_routed", "exit_share_thresholds", "ltt_calibrate", "measure_speedup", "scan_passes", "set_exit_share",
+    "threshold_scan", "timing_passes", "token_predictions",
+]  # fmt: skip
 
 CALIBRATIONS = ("ratio", "ltt")  # trainer.calibration: the method's own thresholds, or Learn-then-Test's
 LTT_RISKS = ("disagreement", "ppl")  # trainer.ltt_risk

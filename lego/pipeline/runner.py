@@ -41,7 +41,6 @@ from lego.moe import RoutingTally
 from lego.pipeline.checks import warn_small_splits
 from lego.pipeline.config import RunConfig, model_config, to_run_config
 from lego.pipeline.evaluation import (
-    evaluate_routed,
     ltt_calibrate,
     measure_speedup,
     scan_passes,
@@ -56,6 +55,7 @@ from lego.pipeline.staged import dense_compute_reference
 from lego.pipeline.summary import format_results
 from lego.pipeline.tracking import Tracker
 from lego.training.precision import autocast_dtype, enable_tf32
+from lego.training.routing import evaluate_routed
 from lego.training.throughput import pooled
 from lego.training_data import TrainingData
 

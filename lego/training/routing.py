@@ -18,10 +18,9 @@ from lego.training_data import TrainingData
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from lego.model import BlockOutput, LEGOBlock, LEGOTransformer
+    from lego.model import LEGOBlock, LEGOTransformer, Routed
 
 HIST_BINS = 50
-Routed = tuple["BlockOutput", Tensor]  # a block's output and the tokens finishing there (`LEGOTransformer.route`)
 
 
 def route(
@@ -71,6 +70,8 @@ def evaluate_settings(
     once per setting on the tokens that setting leaves them. A setting's `seconds` counts the Block 0 work it
     shares, as its own evaluation would. `keep_confidences=k`: each result also holds `confidences`, block k's
     confidence of every token that reached it (float32, on the CPU). The model's thresholds are restored."""
+    if not settings:
+        return []  # nothing to score: no pass over the windows
     model.eval()
     saved = [block.threshold for block in model.blocks]
     tallies = [_Tally(model, keep_confidences) for _ in settings]

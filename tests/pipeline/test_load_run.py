@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from lego.data.tokenizer import train_bpe
 from lego.errors import DataError
 from lego.pipeline import load_run
-from lego.pipeline.evaluation import evaluate_routed
+from lego.training.routing import evaluate_routed
 from tests.launch import REPO, offline_env
 
 
