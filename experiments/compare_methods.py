@@ -32,6 +32,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,15 +313,40 @@ def archive_runs(out: Path, archive: Path, jobs: list[Job]) -> int:
     """Copy what the reports read of each finished run (results.json, .hydra/config.yaml, overrides.yaml) from
     `out` into `archive`: a few kB a run, committed with the docs, so the published numbers can be re-derived
     (`--report-only`) and a later study resumes from them without the run folders."""
+    return sum(_copy_run(out / job.name, archive / job.name) for job in jobs)
+
+
+def _copy_run(source: Path, target: Path) -> bool:
+    """Copy a finished run's report files from `source` to `target` unless `target` has finished: whether it did."""
+    if not (source / "results.json").is_file() or (target / "results.json").is_file():
+        return False
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "results.json"):  # results.json last: complete
+        atomic_write(target / name, lambda tmp, path=source / name: shutil.copyfile(path, tmp))
+    return True
+
+
+def adopt_twins(jobs: list[Job], target: Path, sources: list[Path], twin: Callable[[Job], Job | None]) -> int:
+    """Copy into `target` each job's `twin` (the same run under another name) finished in one of `sources`, so that
+    it is not trained twice: the sweep's seed-0 run at a rate is the comparison's seed-0 run at that rate when the
+    sweep runs at a compared budget. Returns how many were copied."""
     copied = 0
     for job in jobs:
-        source, target = out / job.name, archive / job.name
-        if not (source / "results.json").is_file() or (target / "results.json").is_file():
-            continue
-        for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "results.json"):  # results.json last: complete
-            atomic_write(target / name, lambda tmp, path=source / name: shutil.copyfile(path, tmp))
-        copied += 1
+        other = twin(job)
+        if other is not None:
+            copied += any(_copy_run(source / other.name, target / job.name) for source in sources)
     return copied
+
+
+def comparison_twin(job: Job) -> Job:
+    """A sweep job as the comparison names it (a rate equal to the presets' is the untuned job)."""
+    return Job(job.method, job.budget, job.seed, None if job.lr == PRESET_LR else job.lr)
+
+
+def sweep_twin(tune_budget: str) -> Callable[[Job], Job | None]:
+    """A comparison job as the sweep at `tune_budget` names it, if the sweep has it (seed 0 at that budget)."""
+    return lambda job: (
+        Job(job.method, job.budget, 0, job.lr or PRESET_LR) if job.seed == 0 and job.budget == tune_budget else None
+    )
 
 
 def group_runs(out: Path, jobs: list[Job]) -> dict[tuple[str, str], list[dict]]:
@@ -696,6 +722,7 @@ def tune_rates(args: argparse.Namespace) -> tuple[dict[str, float], list[str]]:
     sweep = sweep_jobs(args.methods, args.tune_budget)
     out, archive = args.out / "lr_sweep", args.archive / "lr_sweep" if args.archive else None
     if not args.report_only:
+        adopt_twins(sweep, archive or out, [d for d in (args.archive, args.out) if d], comparison_twin)
         run_all(sweep, out, archive, args.quick, args.jobs, args.keep_dumps)
     if archive:
         archive_runs(out, archive, sweep)
@@ -708,6 +735,9 @@ def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     rates, lr_lines = tune_rates(args) if args.tune_lr else ({}, None)
     jobs = jobs_for(args.methods, args.budgets, args.seeds, rates)
+    if not args.report_only and args.tune_lr:
+        sweeps = [d / "lr_sweep" for d in (args.archive, args.out) if d]
+        adopt_twins(jobs, args.archive or args.out, sweeps, sweep_twin(args.tune_budget))
     if not args.report_only:
         run_all(jobs, args.out, args.archive, args.quick, args.jobs, args.keep_dumps)
     if args.archive:

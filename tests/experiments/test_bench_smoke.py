@@ -157,6 +157,36 @@ def test_compare_methods_chooses_each_methods_learning_rate_on_validation(tmp_pa
     assert (tmp_path / "frontier.png").stat().st_size > 1000
 
 
+def test_a_sweep_at_a_compared_budget_reuses_the_comparisons_runs_and_the_other_way_round(tmp_path):
+    """A sweep job and a comparison job that are the same run (seed 0, same budget, same rate; the presets' rate
+    is the untuned job) are trained once: the finished one is copied under the other's name."""
+    from experiments import compare_methods as cm
+
+    def finish(root, job, objective):
+        for name, text in ((".hydra/config.yaml", "{}"), (".hydra/overrides.yaml", "[]"), ("results.json", "")):
+            (root / job.name / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / job.name / name).write_text(text or json.dumps({"objective": objective}))
+
+    compare, sweep = tmp_path / "runs", tmp_path / "runs" / "lr_sweep"
+    finish(compare, cm.Job("dense", "800k", 0), 20.0)  # the presets' rate, untuned
+    finish(compare, cm.Job("MoD", "800k", 0, 2e-3), 30.0)
+    finish(compare, cm.Job("MoD", "800k", 1, 4e-3), 31.0)  # seed 1: not the sweep's
+    jobs = cm.sweep_jobs(["dense", "MoD"], "800k")
+    assert cm.adopt_twins(jobs, sweep, [compare], cm.comparison_twin) == 2
+    assert cm.chosen_rates(sweep, ["dense", "MoD"], "800k") == {}  # one rate each: nothing chosen yet
+    assert json.loads((sweep / "dense_lr0.001/800k/seed0/results.json").read_text())["objective"] == 20.0
+    assert (sweep / "MoD_lr0.002/800k/seed0/results.json").is_file()
+    assert not (sweep / "MoD_lr0.004/800k/seed0").exists()
+    assert cm.adopt_twins(jobs, sweep, [compare], cm.comparison_twin) == 0  # nothing finished is overwritten
+    finish(sweep, cm.Job("MoD", "800k", 0, 4e-3), 25.0)
+    comparison = cm.jobs_for(["dense", "MoD"], ["800k"], [0, 1], cm.chosen_rates(sweep, ["MoD"], "800k"))
+    target = tmp_path / "archive"
+    assert cm.adopt_twins(comparison, target, [sweep], cm.sweep_twin("800k")) == 2  # dense and MoD seed 0
+    assert sorted(p.parent.relative_to(target).as_posix() for p in target.glob("*/*/*/results.json")) == [
+        "MoD_lr0.004/800k/seed0", "dense/800k/seed0"]  # fmt: skip
+    assert cm.adopt_twins(comparison, target, [sweep], cm.sweep_twin("200k")) == 0  # a sweep at another budget
+
+
 def test_the_frontier_verdict_names_the_best_method_at_three_quarters_of_dense_cost():
     from experiments import compare_methods as cm
 
