@@ -10,6 +10,7 @@ blocks, and a stage hands on only its hard-token mask (`save_mask`, 1 byte per t
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import tempfile
@@ -211,11 +212,11 @@ class StreamedTrainingData(TrainingData):
     """A TrainingData whose hidden states are computed, not stored (`trainer.dump=stream`): each selection
     (`select`, so each batch of `batches`) runs the frozen `prefix` (the earlier blocks, each on its own active
     tokens) over those rows of `source` (Block 0's token ids, or states read from a dump). What it stores is the
-    mask of the tokens to train on, `active`: `len`, `num_batches` and `batches` work as on stored data. It has no
-    inputs of its own (`hidden_states` and `input_ids` are None), so `save`, `shard` and `to` fail on it: build one
-    per rank from the rank's source and mask."""
+    mask of the tokens to train on, `active` (a `MaskFile`, or a tensor): `len`, `num_batches` and `batches` work as
+    on stored data. It has no inputs of its own (`hidden_states` and `input_ids` are None), so `save`, `shard` and
+    `to` fail on it: build one per rank from the rank's source and mask."""
 
-    def __init__(self, source: TrainingData, active: Tensor, prefix: FrozenPrefix) -> None:
+    def __init__(self, source: TrainingData, active: Tensor | MaskFile, prefix: FrozenPrefix) -> None:
         if active.shape != source.targets.shape or active.dtype != torch.bool:
             raise ValueError(
                 f"the mask must be bool {tuple(source.targets.shape)}, got {active.dtype} {tuple(active.shape)}"
@@ -335,18 +336,89 @@ def save_mask(path: str | Path, chunks: Iterable[Tensor], shape: tuple[int, int]
     atomic_write(path, write)
 
 
-def load_mask(path: str | Path) -> Tensor:
-    """A mask `save_mask` wrote, memory-mapped (copy-on-write: the file is never changed); a missing, truncated or
-    foreign file is a DataError naming it."""
+def load_mask(path: str | Path) -> MaskFile:
+    """A mask `save_mask` wrote, read by file reads (`MaskFile`); a missing, truncated or foreign file is a DataError
+    naming it."""
     try:
-        array = np.load(path, mmap_mode="c")
+        with open(path, "rb") as f:
+            if np.lib.format.read_magic(f) != (1, 0):  # save_mask writes a version 1.0 header
+                raise ValueError("not a version 1.0 .npy file")
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            offset = f.tell()
+        if fortran or offset + math.prod(shape) != os.path.getsize(path):
+            raise ValueError(f"{os.path.getsize(path) - offset} bytes of data for a {shape} mask")
     except (OSError, ValueError) as err:
         raise DataError(
             f"{path} is missing, truncated or not a hard-token mask ({err}); re-run the stage that wrote it"
         ) from err
-    if array.dtype != np.bool_ or array.ndim != 2:
-        raise DataError(f"{path} holds {array.dtype} {array.shape}, not a (sequences, seq) bool hard-token mask")
-    return torch.from_numpy(array)
+    if dtype != np.bool_ or len(shape) != 2:
+        raise DataError(f"{path} holds {dtype} {shape}, not a (sequences, seq) bool hard-token mask")
+    return MaskFile(Path(path), shape, offset)
+
+
+class MaskFile:
+    """A (sequences, seq) bool hard-token mask in a file, read by plain file reads: rows by slice or index tensor
+    (`mask[rows]`, a tensor), and the few whole-mask reductions the training loop takes of `TrainingData.active`
+    (`any(dim=1)`, `count_nonzero()`, `all()`, a chunk at a time, remembered). Unlike a memory map, the pages it
+    reads stay in the OS's page cache, out of this process's RSS: a streamed stage holds one flag per window, not a
+    byte per token, however large the corpus. `mask[:]` is the whole mask in memory."""
+
+    dtype = torch.bool
+    CHUNK_BYTES = 1 << 24
+
+    def __init__(self, path: Path, shape: tuple[int, int], offset: int) -> None:
+        self.path, self.shape, self.offset = path, torch.Size(shape), offset
+        self._rows_any: Tensor | None = None
+        self._count: int | None = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def __getitem__(self, index: slice | Tensor) -> Tensor:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self.shape[0])
+            return self._read(start, max(start, stop))[::step]
+        rows = torch.as_tensor(index).long().reshape(-1)
+        order = rows.argsort()
+        ordered, out = rows[order], torch.empty(len(rows), self.shape[1], dtype=torch.bool)
+        breaks = ((ordered[1:] != ordered[:-1] + 1).nonzero().squeeze(1) + 1).tolist()
+        for begin, end in zip([0, *breaks], [*breaks, len(rows)], strict=True):  # one read per run of rows
+            first = int(ordered[begin]) if len(rows) else 0
+            out[order[begin:end]] = self._read(first, first + end - begin)
+        return out
+
+    def _read(self, start: int, stop: int) -> Tensor:
+        if not 0 <= start <= stop <= self.shape[0]:
+            raise IndexError(f"rows {start}:{stop} of a mask of {self.shape[0]}")
+        seq = self.shape[1]
+        if stop == start:
+            return torch.zeros(0, seq, dtype=torch.bool)
+        with open(self.path, "rb") as f:
+            data = os.pread(f.fileno(), (stop - start) * seq, self.offset + start * seq)
+        return torch.frombuffer(bytearray(data), dtype=torch.bool).view(stop - start, seq)
+
+    def _chunks(self) -> Iterator[Tensor]:
+        rows = max(1, self.CHUNK_BYTES // self.shape[1])
+        for start in range(0, self.shape[0], rows):
+            yield self._read(start, min(start + rows, self.shape[0]))
+
+    def any(self, dim: int) -> Tensor:
+        if dim not in (1, -1):
+            raise ValueError("a MaskFile reduces over its rows only (any(dim=1))")
+        if self._rows_any is None:
+            self._rows_any = torch.cat([torch.zeros(0, dtype=torch.bool), *(c.any(dim=1) for c in self._chunks())])
+        return self._rows_any
+
+    def count_nonzero(self) -> Tensor:
+        if self._count is None:
+            self._count = sum(int(chunk.count_nonzero()) for chunk in self._chunks())
+        return torch.tensor(self._count)
+
+    def all(self) -> Tensor:
+        return torch.tensor(int(self.count_nonzero()) == self.numel())
 
 
 def load_mask_shard(path: str | Path, saved_world: int, rank: int, world: int) -> Tensor:

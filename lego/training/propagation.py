@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from lego import distributed
 from lego.model import cross_entropy_rows
 from lego.training.precision import DEFAULT_PRECISION, autocast
-from lego.training_data import HiddenStateWriter, StreamedTrainingData, TrainingData
+from lego.training_data import HiddenStateWriter, MaskFile, StreamedTrainingData, TrainingData
 
 if TYPE_CHECKING:
     from lego.model import BlockOutput, LEGOBlock
@@ -163,11 +163,13 @@ class FrozenPrefix:
     computation that made them for a dump. No grad, in `precision` (bf16 autocast on CUDA by default, float32 on
     the CPU). `flops` counts the forward FLOPs it has run."""
 
-    def __init__(self, embedding: nn.Embedding | None, steps: list[tuple[LEGOBlock, Tensor]], precision: str) -> None:
+    def __init__(
+        self, embedding: nn.Embedding | None, steps: list[tuple[LEGOBlock, Tensor | MaskFile]], precision: str
+    ) -> None:
         self.embedding, self.steps, self.precision, self.flops = embedding, steps, precision, 0.0
         self.seconds, self.windows = 0.0, 0  # the time it took (on the device: synchronised) and the windows it ran
 
-    def then(self, block: LEGOBlock, active: Tensor) -> FrozenPrefix:
+    def then(self, block: LEGOBlock, active: Tensor | MaskFile) -> FrozenPrefix:
         """This prefix followed by `block` on the tokens `active` marks (a new count of FLOPs)."""
         return FrozenPrefix(self.embedding, [*self.steps, (block, active)], self.precision)
 
@@ -189,7 +191,7 @@ class FrozenPrefix:
 
 
 def stream_after(
-    block: LEGOBlock, data: TrainingData, embedding: nn.Embedding | None, hard: Tensor, precision: str
+    block: LEGOBlock, data: TrainingData, embedding: nn.Embedding | None, hard: Tensor | MaskFile, precision: str
 ) -> StreamedTrainingData:
     """The next block's inputs as a `StreamedTrainingData` (`trainer.dump=stream`): `data`'s (stored, or streamed
     themselves) run through `block` on `data`'s active tokens, with the mask `hard` as the active ones."""

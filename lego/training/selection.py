@@ -27,8 +27,9 @@ def select_hard(confidence: Tensor, active: Tensor, hard_ratio: float) -> Tensor
 
     By ratio, not by threshold: exactly `int(n_active * hard_ratio)` tokens, whatever the confidences.
     Under torch.distributed, `confidence` and `active` are this rank's shard and the ratio is global
-    (`_select_hard_global`).
+    (`_select_hard_global`). `active` may be a `MaskFile` (a streamed stage resumed with a dump): read whole.
     """
+    active = active[:]
     if distributed.world()[1] > 1:
         return _select_hard_global(confidence, active, hard_ratio)
     flat_active = active.reshape(-1).nonzero().squeeze(1)

@@ -7,6 +7,7 @@ resume from the masks; then one `train.py` run in a subprocess.
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +15,8 @@ import torch
 
 from lego import TrainingData
 from lego.errors import DataError
-from lego.training.propagation import run_flops
-from lego.training_data import load_mask, load_mask_shard, save_mask, shard_path, shard_rows
+from lego.training.propagation import FrozenPrefix, run_flops
+from lego.training_data import StreamedTrainingData, load_mask, load_mask_shard, save_mask, shard_path, shard_rows
 from tests.launch import run_train
 from tests.pipeline.test_stage_dumps import SEQ, assert_same_weights, interrupted, stage_run
 
@@ -46,7 +47,7 @@ def test_stream_writes_only_a_one_byte_mask_of_the_dump_paths_hard_tokens(runs):
     assert not (stream / "stage_2" / "hard_mask.npy").exists()  # the last block passes nothing on
     for k in (0, 1):
         path = stream / f"stage_{k}" / "hard_mask.npy"
-        mask = load_mask(path)
+        mask = load_mask(path)[:]
         dumped = TrainingData.load(keep / f"stage_{k}" / "hard_tokens.safetensors")
         assert torch.equal(mask, dumped.active)
         assert len(dumped) == stats(stream, k)["hard_count"] == stats(keep, k)["hard_count"]
@@ -107,9 +108,35 @@ def test_a_mask_written_by_two_ranks_is_read_back_by_three(tmp_path):
     path = tmp_path / "hard_mask.npy"
     for rank in range(2):  # each rank its round-robin rows, in chunks
         save_mask(shard_path(path, rank, 2), mask[rank::2].split(2), tuple(mask[rank::2].shape))
-    assert torch.equal(load_mask_shard(path, 2, 1, 2), mask[1::2])  # as many ranks: its own file
+    assert torch.equal(load_mask_shard(path, 2, 1, 2)[:], mask[1::2])  # as many ranks: its own file, read
     for rank in range(3):
         assert torch.equal(load_mask_shard(path, 2, rank, 3), mask[shard_rows(11, rank, 3)])
+
+
+def test_a_mask_is_read_by_file_reads_as_the_tensor_it_stores(tmp_path):
+    """`load_mask` maps nothing (its pages stay out of the process's RSS, however large the corpus): rows by slice
+    and by index tensor, in any order and with repeats, and the reductions of `TrainingData.active`, equal the
+    tensor's."""
+    mask = torch.rand(23, 6, generator=torch.Generator().manual_seed(1)) > 0.7
+    mask[4] = False  # a window with no hard token
+    path = tmp_path / "hard_mask.npy"
+    save_mask(path, mask.split(5), tuple(mask.shape))
+    loaded = load_mask(path)
+    loaded.CHUNK_BYTES = 12  # two rows a chunk: the reductions cross chunks
+    assert loaded.shape == mask.shape and loaded.dtype == torch.bool and len(loaded) == 23
+    assert torch.equal(loaded[:], mask) and torch.equal(loaded[3:9], mask[3:9]) and loaded[30:].shape == (0, 6)
+    rows = torch.tensor([7, 2, 3, 4, 22, 0, 3, 8])
+    assert torch.equal(loaded[rows], mask[rows]) and loaded[torch.tensor([], dtype=torch.long)].shape == (0, 6)
+    assert torch.equal(loaded.any(dim=1), mask.any(dim=1)) and not bool(loaded.any(dim=1)[4])
+    assert int(loaded.count_nonzero()) == int(mask.count_nonzero()) and not bool(loaded.all())
+    with pytest.raises(IndexError):
+        loaded[torch.tensor([23])]
+    assert str(path) not in Path("/proc/self/maps").read_text()  # read, never mapped
+    data = TrainingData(None, torch.zeros(23, 6, dtype=torch.long), mask, torch.zeros(23, 6, dtype=torch.long))
+    streamed = StreamedTrainingData(data, loaded, FrozenPrefix(None, [], "float32"))
+    assert len(streamed) == int(mask.count_nonzero())
+    windows = int(mask.any(dim=1).count_nonzero())
+    assert windows < 23 and streamed.num_batches(4) == -(-windows // 4)  # windows without a hard token: not read
 
 
 def test_train_py_with_dump_stream_completes_without_a_dump(tiny_run, tmp_path, cache_dir):
