@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from lego import distributed
 from lego.errors import ConfigError, check_number
+from lego.memory import release_freed_memory
 from lego.moe import MoEFeedForward
 from lego.sharding import ShardedLayers
 from lego.training.loop import Callback, LoopConfig, Period, Schedule, Step, train_loop
@@ -257,6 +258,7 @@ def stream_hard(
         with autocast(block.exit_classifier.weight.device, config.precision):
             score(block, train, embedding, config.eval_batch_size, confidence)
         save_mask(path, select_hard_chunked(confidence, train.active, config.hard_ratio), shape)
+    release_freed_memory()  # the selection's chunked temporaries
     return stream_after(block, train, embedding, load_mask(path), config.precision)
 
 

@@ -18,7 +18,7 @@ MODEL_CODE = {
     "lego", *(f"lego.{path.stem}" for path in LEGO.glob("*.py") if path.stem != "__init__"),
     *(f"lego.{path.parent.name}" + ("" if path.stem == "__init__" else f".{path.stem}") for path in TRAINING),
 }  # fmt: skip
-UTILITIES = {"lego.errors", "lego.atomic"}  # model-layer modules without torch that every layer may use
+UTILITIES = {"lego.errors", "lego.atomic", "lego.memory"}  # model-layer modules without torch that every layer may use
 
 
 def _module_name(path: Path) -> str:

@@ -43,8 +43,11 @@ from lego.data.tokens import (
     token_dtype,
 )
 from lego.errors import ConfigError, DataError
+from lego.memory import release_freed_memory
 
-_ENCODE_BATCH = 64  # spans per encode_batch call: big enough to keep all cores busy, small for progress
+# spans per encode_batch call: two per core keep the cores busy; more only holds more of the encoder's per-token
+# temporaries (64 spans took ~130 MB more than 16 at the peak of a preparation)
+_ENCODE_BATCH = max(16, 2 * (os.cpu_count() or 1))
 _COUNT_TOKENS = 1 << 22  # training tokens counted at a time for the unigram baseline
 
 
@@ -99,6 +102,7 @@ def prepare_data(
     cache_dir = Path(cache_dir).expanduser()
 
     documents, fingerprint = load_documents(data, cache_dir, progress=progress)
+    release_freed_memory()  # what building the Arrow cache of the documents left
     split_key = cache_key("split", fingerprint, data.split_seed, data.val_fraction, data.test_fraction, data.span_chars)
 
     def spans() -> Iterator[str]:
@@ -141,6 +145,7 @@ def prepare_data(
         with entry_lock(folder):
             if not folder.is_dir():  # else another process finished it while this one waited
                 tokenized = _write_tokens(folder, tok, spans, plan, labels, progress)
+                release_freed_memory()  # the tokenizing's strings and id lists: freed, but kept by the C heap
     tokens, meta = read_token_files(folder)
     tokenize_seconds = time.perf_counter() - t0
 

@@ -61,11 +61,25 @@ def load_documents(data: DataConfig, cache_dir: Path, *, progress: bool = True) 
     return ds, _fingerprint(ds, data, files)
 
 
-def iter_texts(documents: Documents, batch_size: int = 1000) -> Iterator[str | None]:
-    """The documents' texts in order, read a batch of rows at a time: never the whole corpus in memory."""
+READ_CHARS = 1 << 23  # about how many characters iter_texts reads at a time
+
+
+def iter_texts(documents: Documents, read_chars: int = READ_CHARS) -> Iterator[str | None]:
+    """The documents' texts in order, never the whole corpus in memory: a stream row by row, a dataset a slice of
+    rows at a time, sized from the last slice's characters to about `read_chars` (a fixed number of rows would be
+    the whole corpus when its documents are books)."""
     with _reading():
-        for batch in documents.iter(batch_size=batch_size):
-            yield from batch["text"]
+        if isinstance(documents, datasets.IterableDataset):
+            for row in documents:
+                yield row["text"]
+            return
+        start, rows = 0, 64
+        while start < len(documents):
+            texts = documents[start : start + rows]["text"]
+            yield from texts
+            start += len(texts)
+            chars = sum(len(text or "") for text in texts)
+            rows = max(1, min(4 * rows, rows * read_chars // max(chars, 1)))
 
 
 @contextlib.contextmanager
@@ -150,8 +164,9 @@ def _local_files(patterns: list[str]) -> list[str]:
 
 
 def _load_files(builder: str, files: list[str], hf_cache: str, streaming: bool) -> Documents:
-    """Load local files with a packaged `datasets` builder; a whole .txt file is one document."""
-    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    """Load local files with a packaged `datasets` builder; a whole .txt file is one document, written to the Arrow
+    cache 16 at a time (the default, 1000 rows, held a corpus of books whole in memory while writing it)."""
+    kwargs = {"sample_by": "document", **({} if streaming else {"writer_batch_size": 16})} if builder == "text" else {}
     try:
         return datasets.load_dataset(
             builder, data_files=files, split="train", cache_dir=hf_cache, streaming=streaming, **kwargs

@@ -37,8 +37,10 @@ class Tokenizer:
         return self.hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encode many texts in parallel (the Rust side uses all cores)."""
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+        """Encode many texts in parallel (the Rust side uses all cores); without the character offsets where the
+        library can skip them (`encode_batch_fast`, tokenizers >= 0.20: the same ids, about 1.5x the speed)."""
+        encode = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)

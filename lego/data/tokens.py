@@ -20,6 +20,7 @@ from torch import Tensor
 from lego.atomic import atomic_write, remove_stale_temporaries
 from lego.data.splits import SPLITS
 from lego.errors import DataError
+from lego.memory import release_freed_memory
 
 SHARD_TOKENS = 1 << 24  # tokens per finished shard: what a killed preparation loses at most (32 MB of uint16)
 _SCAN_TOKENS = 1 << 22  # tokens read at a time when a file is checked
@@ -150,6 +151,7 @@ class TokenFileWriter:
         self.manifest["position"] += self._pending_inputs
         self._pending_inputs = self._pending_tokens = 0
         self._write_manifest()
+        release_freed_memory()  # the shard's buffers and the encoder's per-token temporaries, freed but kept
 
     def _write_manifest(self) -> None:
         atomic_write(self.path, lambda tmp: tmp.write_text(json.dumps(self.manifest, indent=1)))

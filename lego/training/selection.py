@@ -66,7 +66,7 @@ def _select_hard_global(confidence: Tensor, active: Tensor, hard_ratio: float) -
 
 
 DIGIT_BITS = 16  # one radix pass per 16 bits: a 65,536-bin int64 histogram (512 KB), whatever the token count
-CHUNK_TOKENS = 1 << 20  # tokens select_hard_chunked reads at a time (about 30 MB of keys and indices)
+CHUNK_TOKENS = 1 << 18  # tokens select_hard_chunked reads at a time (about 8 MB of keys and indices)
 
 
 def sortable_keys(confidence: Tensor) -> Tensor:

@@ -218,6 +218,23 @@ def test_bench_scale_smoke():
         assert 1.0 <= row["handoff_bytes_per_token"] < 1.5  # the 1-byte mask (and its .npy header), no dump
 
 
+def test_bench_prep_runs_the_path_before_token_shards_beside_this_one(capsys):
+    """The side-by-side preparation: the commit before token shards, exported from git, and this code, in fresh
+    processes each; on the same text they make the same tokens (the shards changed how tokens are stored, not which)."""
+    import subprocess
+
+    from experiments import bench_prep
+
+    known = subprocess.run(["git", "cat-file", "-e", f"{bench_prep.BEFORE_SHARDS}^{{commit}}"], cwd=bench_prep.ROOT)
+    if known.returncode:
+        pytest.skip(f"a clone without {bench_prep.BEFORE_SHARDS} (shallow): nothing to compare against")
+    rows = bench_prep.main(["--mb", "0.05", "--vocab", "300"])
+    assert [row["path"] for row in rows] == [bench_prep.BEFORE_SHARDS, "this code"]
+    assert rows[0]["cold"]["tokens"] == rows[1]["cold"]["tokens"] == rows[1]["warm"]["tokens"] > 10_000
+    assert all(row["cache_mb"] > 0 for row in rows)
+    assert "this code's cold preparation" in capsys.readouterr().out
+
+
 def test_every_compared_methods_preset_trains_at_the_preset_rate():
     """PRESET_LR is what each method's preset sets: a chosen rate equal to it reuses the untuned job's runs."""
     from hydra import compose, initialize_config_dir

@@ -15,7 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
-from experiments.bench_scale import write_corpus
+from experiments.bench_common import write_corpus
 from tests.launch import REPO
 
 SMALL, LARGE = 2_000_000, 32_000_000  # corpus bytes (= byte tokens)
