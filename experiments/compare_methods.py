@@ -426,7 +426,9 @@ def _dense(method: str) -> bool:
 def lr_sweep_lines(
     sweep_dir: Path, methods: list[str], rates: dict[str, float], budget: str = TUNE_BUDGET
 ) -> list[str]:
-    """The learning-rate sweep's table: each method's validation objective at each rate, the chosen one in bold."""
+    """The learning-rate sweep's table: each method's validation objective at each rate, the chosen one in bold;
+    below it, the same methods' sweeps at other budgets found in `sweep_dir` (shown, not used: their lowest in
+    italics)."""
     header = " | ".join(f"lr {lr:g}" for lr in LR_GRID)
     lines = [
         "## Learning rates",
@@ -435,20 +437,35 @@ def lr_sweep_lines(
         "lowest validation objective (validation PPL with the calibrated exits; never a test number) chosen; the "
         "comparison above runs every method at its chosen rate (a method not tuned: at its preset's).",
         "",
-        f"| method | {header} | chosen |",
-        f"| --- | {' | '.join('---:' for _ in LR_GRID)} | ---: |",
+        f"| method | budget | {header} | chosen |",
+        f"| --- | --- | {' | '.join('---:' for _ in LR_GRID)} | ---: |",
     ]
+    others = sorted({path.parent.name for path in sweep_dir.glob("*/*/seed0")} - {budget}, key=_budget_tokens)
     for method in methods:
-        cells = []
-        for job in sweep_jobs([method], budget):
-            path = sweep_dir / job.name / "results.json"
-            value = f"{read_json(path)['objective']:.2f}" if path.is_file() else "-"
-            cells.append(f"**{value}**" if rates.get(method) == job.lr else value)
         at_edge = rates.get(method) in (LR_GRID[0], LR_GRID[-1])
         edge = " (the grid's edge: a wider sweep may choose beyond it)" if at_edge else ""
         chosen = f"{rates[method]:g}{edge}" if method in rates else "not tuned: its preset's"
-        lines.append(f"| {method} | {' | '.join(cells)} | {chosen} |")
+        cells = _sweep_cells(sweep_dir, method, budget, rates.get(method), "**")
+        lines.append(f"| {method} | {budget} | {' | '.join(cells)} | {chosen} |")
+        for other in others:
+            cells = _sweep_cells(sweep_dir, method, other, chosen_rates(sweep_dir, [method], other).get(method), "*")
+            if any(cell != "-" for cell in cells):
+                lines.append(f"| {method} | {other} | {' | '.join(cells)} | not used |")
     return [*lines, ""]
+
+
+def _sweep_cells(sweep_dir: Path, method: str, budget: str, marked: float | None, mark: str) -> list[str]:
+    cells = []
+    for job in sweep_jobs([method], budget):
+        path = sweep_dir / job.name / "results.json"
+        value = f"{read_json(path)['objective']:.2f}" if path.is_file() else "-"
+        cells.append(f"{mark}{value}{mark}" if marked == job.lr else value)
+    return cells
+
+
+def _budget_tokens(budget: str) -> int:
+    tokens, epochs = BUDGETS[budget]
+    return tokens * epochs
 
 
 def plot_frontier(groups: dict[tuple[str, str], list[dict]], budget: str, path: Path) -> bytes:

@@ -139,8 +139,15 @@ def test_compare_methods_chooses_each_methods_learning_rate_on_validation(tmp_pa
     assert "block_schedule.blocks.0.lr=0.004" in cm.job_overrides(jobs[1], quick=False)
     assert not any(".lr=" in arg for job in (jobs[0], jobs[2]) for arg in cm.job_overrides(job, quick=False))
     lines = cm.lr_sweep_lines(tmp_path, ["dense", "MoD"], rates)
-    assert "| dense | 30.00 | **25.00** | 27.00 | - | 0.001 |" in lines
-    assert "| MoD | - | 50.00 | - | - | not tuned: its preset's |" in lines
+    assert f"| dense | {cm.TUNE_BUDGET} | 30.00 | **25.00** | 27.00 | - | 0.001 |" in lines
+    assert f"| MoD | {cm.TUNE_BUDGET} | - | 50.00 | - | - | not tuned: its preset's |" in lines
+    for lr, objective in ((1e-3, 21.0), (2e-3, 20.0)):  # a sweep at another budget: shown, its lowest in italics
+        other = tmp_path / cm.Job("dense", "800k", 0, lr).name / "results.json"
+        other.parent.mkdir(parents=True)
+        other.write_text(json.dumps({"objective": objective}))
+    lines = cm.lr_sweep_lines(tmp_path, ["dense", "MoD"], rates)
+    assert "| dense | 800k | - | 21.00 | *20.00* | - | not used |" in lines
+    assert not any(line.startswith("| MoD | 800k") for line in lines)  # no sweep of MoD there
     assert cm.chosen_rates(tmp_path, ["dense"], "200k") == {}  # the sweep of another budget
     assert any(line.startswith("| LayerSkip |") and "grid's edge" in line
                for line in cm.lr_sweep_lines(tmp_path, ["LayerSkip"], rates))  # fmt: skip

@@ -1,13 +1,14 @@
 """The whole pipeline's own memory grows far less than its corpus's token stream (issue "a billion tokens on one
-machine"): preparation streams the text into token files, training maps them, the hand-off is a 1-byte mask
-(`trainer.dump=stream`), so a run on a corpus 16x larger owns less extra memory than its int64 token stream alone
-would take (measured here: about 160 MB more at 32M tokens, 5 bytes a token, against the stream's 8 and the old
-path's 27-34; what still grows is docs/scaling.md's open item).
+machine"): preparation streams the text into token files and hands freed memory back, training maps them, the
+hand-off is a 1-byte mask read by file reads (`trainer.dump=stream`), so a run on a corpus 16x larger owns less
+extra memory than its int64 token stream alone would take (measured on 2026-12-02: 372 MB owned at 1M tokens and
+378 MB at 16M, 398 MB at 32M; before the fixes in docs/scaling.md, 563 MB at 2M and 723 MB at 32M, and the old path
+took 27-34 bytes a token).
 
 Owned memory is the process's anonymous resident memory (RssAnon, sampled every 20 ms): what the OS cannot drop.
-Pages of the mapped token files and of the mask are page cache, which it can. (A hard memory-cgroup limit was tried
-first: on a loaded machine the cgroup's page cache, charged with the rest, was not written back fast enough and a
-run that fits was killed, so the test measures instead of limiting.)"""
+Pages of the mapped token files are page cache, which it can. (A hard memory-cgroup limit was tried first: on a
+loaded machine the cgroup's page cache, charged with the rest, was not written back fast enough and a run that
+fits was killed, so the test measures instead of limiting.)"""
 
 import json
 import subprocess
@@ -18,8 +19,8 @@ from pathlib import Path
 from experiments.bench_common import write_corpus
 from tests.launch import REPO
 
-SMALL, LARGE = 2_000_000, 32_000_000  # corpus bytes (= byte tokens)
-STREAM_MB = 8 * LARGE / 2**20  # the large corpus as int64 tokens: 256 MB
+SMALL, LARGE = 1_000_000, 16_000_000  # corpus bytes (= byte tokens)
+STREAM_MB = 8 * LARGE / 2**20  # the large corpus as int64 tokens: 122 MB
 OVERRIDES = ("+experiment=tiny", "data=text_files", "data.max_train_tokens=null", "data.max_eval_tokens=4000",
              "model.dim=16", "model.num_heads=2", "trainer.eval_batch_size=1024", "trainer.dump=stream",
              "block_schedule.blocks.0.max_steps=3", "block_schedule.blocks.1.max_steps=3",
