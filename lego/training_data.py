@@ -377,11 +377,14 @@ class MaskFile:
     def numel(self) -> int:
         return self.shape.numel()
 
-    def __getitem__(self, index: slice | Tensor) -> Tensor:
+    def __getitem__(self, index: int | slice | Tensor) -> Tensor:
+        if isinstance(index, int):
+            return self[index : index + 1][0]
         if isinstance(index, slice):
             start, stop, step = index.indices(self.shape[0])
             return self._read(start, max(start, stop))[::step]
-        rows = torch.as_tensor(index).long().reshape(-1)
+        index = torch.as_tensor(index)
+        rows = (index.nonzero().squeeze(1) if index.dtype == torch.bool else index.long()).reshape(-1)
         order = rows.argsort()
         ordered, out = rows[order], torch.empty(len(rows), self.shape[1], dtype=torch.bool)
         breaks = ((ordered[1:] != ordered[:-1] + 1).nonzero().squeeze(1) + 1).tolist()

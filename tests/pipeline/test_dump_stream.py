@@ -127,6 +127,8 @@ def test_a_mask_is_read_by_file_reads_as_the_tensor_it_stores(tmp_path):
     assert torch.equal(loaded[:], mask) and torch.equal(loaded[3:9], mask[3:9]) and loaded[30:].shape == (0, 6)
     rows = torch.tensor([7, 2, 3, 4, 22, 0, 3, 8])
     assert torch.equal(loaded[rows], mask[rows]) and loaded[torch.tensor([], dtype=torch.long)].shape == (0, 6)
+    picked = torch.arange(23) % 3 == 0
+    assert torch.equal(loaded[picked], mask[picked]) and torch.equal(loaded[5], mask[5])
     assert torch.equal(loaded.any(dim=1), mask.any(dim=1)) and not bool(loaded.any(dim=1)[4])
     assert int(loaded.count_nonzero()) == int(mask.count_nonzero()) and not bool(loaded.all())
     with pytest.raises(IndexError):
