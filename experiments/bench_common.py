@@ -1,4 +1,4 @@
-"""What the benchmarks share: size arguments, random active masks, side-by-side timing, a corpus of any size.
+"""What every speed benchmark shares: its size arguments, random active masks, and side-by-side timing.
 
 Timing is interleaved (one call of every point per round, after one warm-up call each, the order rotated
 every round) and reported as the median per point, so machine noise hits every point alike and ratios
@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tarfile
 import time
 from collections.abc import Callable, Hashable, Iterable
-from pathlib import Path
 
 import torch
-
-from lego.data.sources import AUSTEN_ARCHIVE
 
 
 def size_parser(doc: str, *, layers: int, repeats: int, vocab: bool = False) -> argparse.ArgumentParser:
@@ -66,19 +62,3 @@ def median_seconds(points: Iterable[Hashable], run: Callable[[Hashable], None], 
 def per_round_ratios(times: dict, ours: Hashable, other: Hashable) -> list[float]:
     """`other`'s time over `ours` in each round of `interleaved_seconds`: above 1, ours was faster."""
     return [theirs / mine for mine, theirs in zip(times[ours], times[other], strict=True)]
-
-
-def write_corpus(directory: Path, n_bytes: int) -> None:
-    """`n_bytes` of English text: the Austen novels the package embeds, repeated, one file per copy (a document
-    each)."""
-    directory.mkdir(parents=True)
-    with tarfile.open(AUSTEN_ARCHIVE) as tar:
-        novels = [tar.extractfile(m).read() for m in sorted(tar.getmembers(), key=lambda m: m.name) if m.isfile()]
-    written, copy = 0, 0
-    while written < n_bytes:
-        for text in novels:
-            part = text[: n_bytes - written]
-            (directory / f"copy{copy:04d}.txt").write_bytes(part)
-            written, copy = written + len(part), copy + 1
-            if written >= n_bytes:
-                break

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from experiments.bench_common import write_corpus
+from experiments.bench_scale import write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE_SHARDS = "e5adb48^"

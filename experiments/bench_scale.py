@@ -24,11 +24,12 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-from experiments.bench_common import write_corpus
+from lego.data.sources import AUSTEN_ARCHIVE
 from lego.pipeline.plan import format_bytes, handoff_need
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +45,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="training steps per block")
     parser.add_argument("--project", action="store_true", help="print the projections table only")
     return parser.parse_args(argv)
+
+
+def write_corpus(directory: Path, n_bytes: int) -> None:
+    """`n_bytes` of English text: the Austen novels the package embeds, repeated, one file per copy (a document
+    each)."""
+    directory.mkdir(parents=True)
+    with tarfile.open(AUSTEN_ARCHIVE) as tar:
+        novels = [tar.extractfile(m).read() for m in sorted(tar.getmembers(), key=lambda m: m.name) if m.isfile()]
+    written, copy = 0, 0
+    while written < n_bytes:
+        for text in novels:
+            part = text[: n_bytes - written]
+            (directory / f"copy{copy:04d}.txt").write_bytes(part)
+            written, copy = written + len(part), copy + 1
+            if written >= n_bytes:
+                break
 
 
 def train_command(corpus: Path, run_dir: Path, cache: Path, dump: str, steps: int) -> list[str]:

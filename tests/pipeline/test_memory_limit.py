@@ -16,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-from experiments.bench_common import write_corpus
+from experiments.bench_scale import write_corpus
 from tests.launch import REPO
 
 SMALL, LARGE = 1_000_000, 16_000_000  # corpus bytes (= byte tokens)
