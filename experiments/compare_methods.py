@@ -752,10 +752,10 @@ def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     rates, lr_lines = tune_rates(args) if args.tune_lr else ({}, None)
     jobs = jobs_for(args.methods, args.budgets, args.seeds, rates)
-    if not args.report_only and args.tune_lr:
-        sweeps = [d / "lr_sweep" for d in (args.archive, args.out) if d]
-        adopt_twins(jobs, args.archive or args.out, sweeps, sweep_twin(args.tune_budget))
     if not args.report_only:
+        if args.tune_lr:
+            sweeps = [d / "lr_sweep" for d in (args.archive, args.out) if d]
+            adopt_twins(jobs, args.archive or args.out, sweeps, sweep_twin(args.tune_budget))
         run_all(jobs, args.out, args.archive, args.quick, args.jobs, args.keep_dumps)
     if args.archive:
         print(f"{archive_runs(args.out, args.archive, jobs)} finished runs archived in {args.archive}")
@@ -774,7 +774,7 @@ def main(argv: list[str] | None = None) -> str:
         command += f" --tune-budget {args.tune_budget}"
     if args.budgets != list(PEER_BUDGETS if args.peers else DEFAULT_BUDGETS):
         command += f" --budgets {' '.join(args.budgets)}"
-    by_size = sorted(args.budgets, key=lambda name: BUDGETS[name][0] * BUDGETS[name][1])
+    by_size = sorted(args.budgets, key=_budget_tokens)
     jobs, stand_ins = with_preset_stand_ins(source, jobs)
     if stand_ins and lr_lines is not None:
         lr_lines += [

@@ -368,8 +368,8 @@ class MaskFile:
 
     def __init__(self, path: Path, shape: tuple[int, int], offset: int) -> None:
         self.path, self.shape, self.offset = path, torch.Size(shape), offset
-        self._rows_any: Tensor | None = None
-        self._count: int | None = None
+        self._rows_any: Tensor | None = None  # with _count: one pass over the file, on first use
+        self._count = 0
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -382,42 +382,51 @@ class MaskFile:
             return self[index : index + 1][0]
         if isinstance(index, slice):
             start, stop, step = index.indices(self.shape[0])
-            return self._read(start, max(start, stop))[::step]
+            with open(self.path, "rb") as f:
+                return self._read(f.fileno(), start, max(start, stop))[::step]
         index = torch.as_tensor(index)
         rows = (index.nonzero().squeeze(1) if index.dtype == torch.bool else index.long()).reshape(-1)
+        out = torch.empty(len(rows), self.shape[1], dtype=torch.bool)
+        if not len(rows):
+            return out
         order = rows.argsort()
-        ordered, out = rows[order], torch.empty(len(rows), self.shape[1], dtype=torch.bool)
+        ordered = rows[order]
         breaks = ((ordered[1:] != ordered[:-1] + 1).nonzero().squeeze(1) + 1).tolist()
-        for begin, end in zip([0, *breaks], [*breaks, len(rows)], strict=True):  # one read per run of rows
-            first = int(ordered[begin]) if len(rows) else 0
-            out[order[begin:end]] = self._read(first, first + end - begin)
+        with open(self.path, "rb") as f:
+            for begin, end in zip([0, *breaks], [*breaks, len(rows)], strict=True):  # one read per run of rows
+                first = int(ordered[begin])
+                out[order[begin:end]] = self._read(f.fileno(), first, first + end - begin)
         return out
 
-    def _read(self, start: int, stop: int) -> Tensor:
+    def _read(self, fd: int, start: int, stop: int) -> Tensor:
         if not 0 <= start <= stop <= self.shape[0]:
             raise IndexError(f"rows {start}:{stop} of a mask of {self.shape[0]}")
         seq = self.shape[1]
         if stop == start:
             return torch.zeros(0, seq, dtype=torch.bool)
-        with open(self.path, "rb") as f:
-            data = os.pread(f.fileno(), (stop - start) * seq, self.offset + start * seq)
+        data = os.pread(fd, (stop - start) * seq, self.offset + start * seq)
         return torch.frombuffer(bytearray(data), dtype=torch.bool).view(stop - start, seq)
 
-    def _chunks(self) -> Iterator[Tensor]:
-        rows = max(1, self.CHUNK_BYTES // self.shape[1])
-        for start in range(0, self.shape[0], rows):
-            yield self._read(start, min(start + rows, self.shape[0]))
+    def _scan(self) -> None:
+        """Each row's any() and the count of True, in one pass a chunk at a time."""
+        rows, parts = max(1, self.CHUNK_BYTES // self.shape[1]), [torch.zeros(0, dtype=torch.bool)]
+        with open(self.path, "rb") as f:
+            for start in range(0, self.shape[0], rows):
+                chunk = self._read(f.fileno(), start, min(start + rows, self.shape[0]))
+                parts.append(chunk.any(dim=1))
+                self._count += int(chunk.count_nonzero())
+        self._rows_any = torch.cat(parts)
 
     def any(self, dim: int) -> Tensor:
         if dim not in (1, -1):
             raise ValueError("a MaskFile reduces over its rows only (any(dim=1))")
         if self._rows_any is None:
-            self._rows_any = torch.cat([torch.zeros(0, dtype=torch.bool), *(c.any(dim=1) for c in self._chunks())])
+            self._scan()
         return self._rows_any
 
     def count_nonzero(self) -> Tensor:
-        if self._count is None:
-            self._count = sum(int(chunk.count_nonzero()) for chunk in self._chunks())
+        if self._rows_any is None:
+            self._scan()
         return torch.tensor(self._count)
 
     def all(self) -> Tensor:

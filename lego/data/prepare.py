@@ -145,7 +145,6 @@ def prepare_data(
         with entry_lock(folder):
             if not folder.is_dir():  # else another process finished it while this one waited
                 tokenized = _write_tokens(folder, tok, spans, plan, labels, progress)
-                release_freed_memory()  # the tokenizing's strings and id lists: freed, but kept by the C heap
     tokens, meta = read_token_files(folder)
     tokenize_seconds = time.perf_counter() - t0
 
