@@ -32,8 +32,9 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +109,11 @@ QUICK = ("model.dim=32", "model.num_heads=2", "tokenizer=bytes", "data.seq_len=3
 QUICK_BUDGETS = {"100k": (2_000, 1), "200k": (4_000, 1), "400k": (8_000, 1), "800k": (16_000, 1), "1.6M": (16_000, 2),
                  "3.2M": (16_000, 4)}  # fmt: skip
 # files a finished run does not need for its report (a stage dump is up to 1 GB)
+# the untuned study's report points to the tuned one, which holds the learning-rate sweep and the chosen rates
+PEER_POINTER = ["Every method here runs at its preset's learning rate. LEGO against Mixture-of-Depths and LayerSkip, "
+                "with each method's learning rate swept and chosen on validation (the sweep's table and the chosen "
+                "rates are in its *Learning rates* section): `python experiments/compare_methods.py --peers`, "
+                "docs/peers.md.", ""]  # fmt: skip
 DISPOSABLE = ("hard_tokens*.safetensors", "val_routed*.safetensors", "checkpoint.pt")
 
 
@@ -239,10 +245,17 @@ def run_all(jobs: list[Job], out: Path, archive: Path | None, quick: bool, paral
         return
     _warm_data_cache(pending[0], quick)  # parallel jobs then only read the tokenizer and token caches
     threads = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else None
+    started = time.monotonic()
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         futures = [pool.submit(run_job, job, out, quick, threads, keep_dumps) for job in pending]
-        for i, future in enumerate(futures, 1):
-            print(f"[{i}/{len(pending)}] {future.result()}", flush=True)
+        for i, future in enumerate(as_completed(futures), 1):
+            elapsed = time.monotonic() - started
+            left = f", about {_minutes(elapsed / i * (len(pending) - i))} to go" if i < len(pending) else ""
+            print(f"[{i}/{len(pending)}] {future.result()} ({_minutes(elapsed)} in{left})", flush=True)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def _warm_data_cache(job: Job, quick: bool) -> None:
@@ -665,7 +678,8 @@ def report(
         "",
         f"Made by `{command}`. Every finished run's results are kept in `{shown}`: `--report-only` rewrites "
         "this file and the study's sweep report (`report.html`, `summary.csv`, `summary_by_config.csv` in the "
-        "study folder, `outputs/compare` by default) from them, and a re-run of the study skips them.",
+        "study folder: `--out`, by default `outputs/peers` with `--peers`, else `outputs/compare`) from them, and a "
+        "re-run of the study skips them.",
         f"Corpus: {any_run['data']['source']}, test set {any_run['test_tokens']:,} tokens (the same for every run: "
         f"`data.split_seed` is fixed), vocab {any_run['data']['vocab_size']:,}; every model dim 256, 4 layers.",
         "",
@@ -680,6 +694,7 @@ def report(
         "",
         f"![test PPL vs training FLOPs]({plot_path.name})",
         "",
+        *(PEER_POINTER if lr_lines is None else []),
         *budget_lines(groups, budgets),
         *(frontier_lines(groups, budgets, report_path) if lr_lines is not None else []),
         *(lr_lines or []),

@@ -90,6 +90,7 @@ def test_compare_methods_study_quick(tmp_path, monkeypatch, capsys):
     text = compare_methods.main(args)
     assert report.read_text() == text
     assert text.index("### 100k") < text.index("### 400k")  # budgets by size, whatever the run order
+    assert "--peers`, docs/peers.md" in text  # the untuned study points to the tuned one's sweep and rates
     for budget in ("100k", "400k"):
         section = text.split(f"### {budget}")[1].split("###")[0]
         assert "| dense | 2 |" in section and "| lego r=0.3 | 2 |" in section and " ± " in section
@@ -108,7 +109,8 @@ def test_compare_methods_study_quick(tmp_path, monkeypatch, capsys):
     assert len(finished) == 10
     assert not list((tmp_path / "runs").glob("*/*/*/stage_*/hard_tokens*.safetensors"))  # dumps removed
     stamps = [path.stat().st_mtime_ns for path in finished]
-    capsys.readouterr()
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert len(progress) == 10 and "to go)" in progress[0] and progress[-1].startswith("[10/10]")  # with an ETA
     compare_methods.main(args)  # a re-run skips every finished run
     assert "10 already finished, 0 to run" in capsys.readouterr().out
     assert [path.stat().st_mtime_ns for path in finished] == stamps
