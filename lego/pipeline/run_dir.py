@@ -8,6 +8,9 @@
   a lock left by a killed run is stale by construction and the next run simply takes it.
 - `remove_own_files(run_dir)` is the clean-up after bad input: it deletes what this process wrote, nothing else,
   and the folder itself only when that leaves it empty.
+- Hydra rewrites `.hydra/*.yaml` for every command before LEGO sees it, so a command LEGO then refuses (another
+  config on a run's folder) would leave the folder describing a run that never happened. `keep_hydra_record` copies
+  an accepted command's record aside and `restore_hydra_record` puts it back after a refusal.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from lego.atomic import atomic_write
 from lego.errors import ConfigError
 
 try:
@@ -32,6 +36,7 @@ LOCK_NAME = ".lock"
 HYDRA_BOOKKEEPING = (".hydra",)  # and the job log, `*.log`
 # What a run writes before its first stage (the only files a failed start can have left).
 STARTUP_FILES = ("run_config.json", "tokenizer.json", "wandb", LOCK_NAME)
+HYDRA_RECORD = "accepted"  # `.hydra/accepted/`: the record Hydra wrote for the last command the run accepted
 PROCESS_STARTED = time.time()  # files modified since were written by this process (or by Hydra for it)
 
 
@@ -57,6 +62,22 @@ def remove_own_files(run_dir: Path) -> None:
         run_dir.rmdir()  # only when empty
 
 
+def keep_hydra_record(run_dir: Path) -> None:
+    """This command is accepted: copy what Hydra wrote for it (`.hydra/*.yaml`) to `.hydra/accepted/`."""
+    _copy_yaml(run_dir / ".hydra", run_dir / ".hydra" / HYDRA_RECORD)
+
+
+def restore_hydra_record(run_dir: Path) -> None:
+    """This command is refused: put back the record of the last accepted one (a run older than this feature has
+    none to put back)."""
+    _copy_yaml(run_dir / ".hydra" / HYDRA_RECORD, run_dir / ".hydra")
+
+
+def _copy_yaml(source: Path, target: Path) -> None:
+    for path in sorted(source.glob("*.yaml")):
+        atomic_write(target / path.name, lambda tmp, path=path: shutil.copyfile(path, tmp))
+
+
 class RunLock:
     """`with RunLock(run_dir):` holds the directory for this process; a second one gets a ConfigError."""
 
@@ -75,6 +96,7 @@ class RunLock:
             handle.seek(0)
             holder = _describe(handle.read())
             handle.close()
+            restore_hydra_record(self.path.parent)  # Hydra rewrote it for this refused command
             raise ConfigError(
                 f"{self.path.parent} is in use by another run ({holder}); wait for it to finish, or give this one "
                 "another hydra.run.dir"

@@ -50,7 +50,7 @@ from lego.pipeline.evaluation import (
 from lego.pipeline.files import read_json, write_json
 from lego.pipeline.methods import get_method, method_results
 from lego.pipeline.plots import make_run_plots
-from lego.pipeline.run_dir import RunLock, claim, remove_own_files
+from lego.pipeline.run_dir import RunLock, claim, keep_hydra_record, remove_own_files, restore_hydra_record
 from lego.pipeline.staged import dense_compute_reference
 from lego.pipeline.summary import format_results
 from lego.pipeline.tracking import Tracker
@@ -320,12 +320,14 @@ def _comparable(resolved: dict) -> dict:
 
 
 def check_resumable(run_dir: Path, resolved: dict) -> None:
-    """A run directory may only be resumed with the config it was made with."""
+    """A run directory may only be resumed with the config it was made with. A refused command leaves Hydra's
+    record of the run (`.hydra/`) as the accepted one wrote it (`lego.pipeline.run_dir`)."""
     saved_path = run_dir / "run_config.json"
-    if not saved_path.is_file():
-        return
-    saved, now = _flatten(read_json(saved_path, expect={})), _flatten(_comparable(resolved))
-    changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
+    saved = _flatten(read_json(saved_path, expect={})) if saved_path.is_file() else {}
+    now = _flatten(_comparable(resolved))
+    changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key)) if saved else []
+    if distributed.is_main():  # rank 0 alone writes in the shared folder
+        (restore_hydra_record if changed else keep_hydra_record)(run_dir)
     if changed:
         shown = ", ".join(f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in changed[:3])
         raise ConfigError(

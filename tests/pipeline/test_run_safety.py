@@ -83,6 +83,9 @@ def test_a_sweep_records_a_diverged_job_as_failed_and_runs_the_others(tmp_path, 
 
 def test_the_same_command_twice_on_one_folder_is_refused_while_the_first_runs(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
+    accepted = run_dir / ".hydra" / "accepted" / "config.yaml"  # Hydra's record of the holder's command
+    accepted.parent.mkdir(parents=True)
+    accepted.write_text("seed: 7\n")
     holder = subprocess.Popen(
         [sys.executable, "-c", f"from lego.pipeline.run_dir import RunLock; import pathlib, time\n"
          f"with RunLock(pathlib.Path({str(run_dir)!r})):\n    print('locked', flush=True); time.sleep(120)"],
@@ -94,6 +97,7 @@ def test_the_same_command_twice_on_one_folder_is_refused_while_the_first_runs(tm
         line = _one_line_error(proc)
         assert "in use by another run" in line and f"pid {holder.pid}" in line
         assert (run_dir / ".lock").is_file()  # the holder's files are not cleaned up by the refused run
+        assert (run_dir / ".hydra" / "config.yaml").read_text() == "seed: 7\n"  # nor its record left rewritten
     finally:
         holder.kill()
         holder.wait()

@@ -118,10 +118,14 @@ def test_resume_after_stage_0_trains_only_stage_1(tmp_path, cache_dir):
 
 
 def test_resume_with_another_config_is_refused(tiny_run, cache_dir):
+    record = {path.name: path.read_bytes() for path in (tiny_run / ".hydra").glob("*.yaml")}
     proc = run_train("+experiment=tiny", f"hydra.run.dir={tiny_run}", "model.dim=96", cache_dir=cache_dir)
     assert proc.returncode == 2
     assert "made with another config" in proc.stderr and "model.dim" in proc.stderr
     assert (tiny_run / "results.json").is_file()  # nothing already written is lost
+    # Hydra rewrote its record of the run for the refused command; the record of the run that was made is back
+    assert sorted(record) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert {name: (tiny_run / ".hydra" / name).read_bytes() for name in record} == record
 
 
 def test_two_job_multirun_over_hard_ratio(tmp_path, cache_dir):
