@@ -108,12 +108,12 @@ QUICK = ("model.dim=32", "model.num_heads=2", "tokenizer=bytes", "data.seq_len=3
          "trainer.threshold_scan=[0.0,0.5]", "trainer.eval_batch_size=16", "wandb=disabled")  # fmt: skip
 QUICK_BUDGETS = {"100k": (2_000, 1), "200k": (4_000, 1), "400k": (8_000, 1), "800k": (16_000, 1), "1.6M": (16_000, 2),
                  "3.2M": (16_000, 4)}  # fmt: skip
-# files a finished run does not need for its report (a stage dump is up to 1 GB)
 # the untuned study's report points to the tuned one, which holds the learning-rate sweep and the chosen rates
 PEER_POINTER = ["Every method here runs at its preset's learning rate. LEGO against Mixture-of-Depths and LayerSkip, "
                 "with each method's learning rate swept and chosen on validation (the sweep's table and the chosen "
                 "rates are in its *Learning rates* section): `python experiments/compare_methods.py --peers`, "
                 "docs/peers.md.", ""]  # fmt: skip
+# files a finished run does not need for its report (a stage dump is up to 1 GB)
 DISPOSABLE = ("hard_tokens*.safetensors", "val_routed*.safetensors", "checkpoint.pt")
 
 
