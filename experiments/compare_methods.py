@@ -81,6 +81,9 @@ PEERS = {"MoD": Method(("+experiment=compare_mod",), 1), "LayerSkip": Method(("+
 METHODS.update(PEERS)
 PEER_STUDY = (DENSE, "lego r=0.3", "lego r=0.5", *PEERS)  # `--peers`: these methods ...
 PEER_BUDGETS = ("800k", "3.2M")  # ... at these budgets, each at its own tuned learning rate
+# dense alone also runs here: points on its curve between the peer budgets, so that a method's equal-training-FLOPs
+# verdict interpolates over at most 2x in FLOPs, not over the 4x between 800k and 3.2M
+PEER_DENSE_BUDGETS = ("1.6M", "2.4M")
 # the learning-rate sweep (`--tune-lr`): each method at these rates (an 8x span), seed 0, at TUNE_BUDGET; the rate
 # with the lowest validation objective (results.json `objective`, never a test number) is the method's
 LR_GRID = (5e-4, 1e-3, 2e-3, 4e-3)
@@ -95,6 +98,7 @@ BUDGETS: dict[str, tuple[int, int]] = {
     "400k": (400_000, 1),
     "800k": (800_000, 1),
     "1.6M": (800_000, 2),
+    "2.4M": (800_000, 3),
     "3.2M": (800_000, 4),
 }
 # run in this order: the noise floor first, then the 8x span; 200k and 1.6M (two passes over 800k) on request
@@ -107,7 +111,7 @@ SEEDS = (0, 1, 2)
 QUICK = ("model.dim=32", "model.num_heads=2", "tokenizer=bytes", "data.seq_len=32", "data.max_eval_tokens=2000",
          "trainer.threshold_scan=[0.0,0.5]", "trainer.eval_batch_size=16", "wandb=disabled")  # fmt: skip
 QUICK_BUDGETS = {"100k": (2_000, 1), "200k": (4_000, 1), "400k": (8_000, 1), "800k": (16_000, 1), "1.6M": (16_000, 2),
-                 "3.2M": (16_000, 4)}  # fmt: skip
+                 "2.4M": (16_000, 3), "3.2M": (16_000, 4)}  # fmt: skip
 # the untuned study's report points to the tuned one, which holds the learning-rate sweep and the chosen rates
 PEER_POINTER = ["Every method here runs at its preset's learning rate. LEGO against Mixture-of-Depths and LayerSkip, "
                 "with each method's learning rate swept and chosen on validation (the sweep's table and the chosen "
@@ -376,14 +380,17 @@ def stat(runs: list[dict], key: str) -> Stat:
     return Stat.of([run.get(key) for run in runs])
 
 
-def budget_lines(groups: dict[tuple[str, str], list[dict]], budgets: list[str]) -> list[str]:
-    """Per budget: the table (mean ± sd over seeds) and the LEGO-vs-dense verdicts."""
+def budget_lines(
+    groups: dict[tuple[str, str], list[dict]], budgets: list[str], dense_budgets: list[str] = ()
+) -> list[str]:
+    """Per budget: the table (mean ± sd over seeds) and the LEGO-vs-dense verdicts; dense's isoFLOP curve also
+    runs through its runs at `dense_budgets` (listed in a table of their own)."""
     dense_curve = []  # (mean train FLOPs, mean test PPL) per budget, for the isoFLOP interpolation
-    for budget in budgets:
+    for budget in sorted({*budgets, *dense_budgets}, key=_budget_tokens):
         runs = groups.get((DENSE, budget))
         if runs and len(runs) >= 2:  # a single seed is no point to compare against
             dense_curve.append((stat(runs, "train_flops").mean, stat(runs, "test_ppl").mean))
-    lines = []
+    lines = dense_curve_lines(groups, budgets, dense_budgets)
     for budget in budgets:
         rows = [(method, groups[(method, budget)]) for method in METHODS if (method, budget) in groups]
         if not rows:
@@ -429,6 +436,33 @@ def budget_lines(groups: dict[tuple[str, str], list[dict]], budgets: list[str]) 
             )
         lines.append("")
     return lines
+
+
+def dense_curve_lines(
+    groups: dict[tuple[str, str], list[dict]], budgets: list[str], dense_budgets: list[str]
+) -> list[str]:
+    """Dense's runs at the budgets only it runs at: the points its isoFLOP curve passes through between the
+    compared budgets, so that an equal-training-FLOPs verdict interpolates over a short span."""
+    measured = [b for b in dense_budgets if (DENSE, b) in groups]
+    if not measured:
+        return []
+    largest = max(budgets, key=_budget_tokens)
+    reference = stat(groups[(DENSE, largest)], "train_flops").mean if (DENSE, largest) in groups else math.nan
+    lines = [
+        "### Dense between the budgets",
+        "",
+        f"Dense alone also ran at {', '.join(measured)} tokens: points on its curve of test PPL against training "
+        "FLOPs (the plot above) through which every equal-training-FLOPs verdict below interpolates.",
+        "",
+        f"| budget | seeds | test PPL | train FLOPs vs dense at {largest} |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for budget in sorted({*measured, *budgets}, key=_budget_tokens):
+        runs = groups.get((DENSE, budget))
+        if runs:
+            flops = Stat.of([run["train_flops"] / reference for run in runs])
+            lines.append(f"| {budget} | {len(runs)} | {stat(runs, 'test_ppl')} | {flops} |")
+    return [*lines, ""]
 
 
 def _dense(method: str) -> bool:
@@ -662,15 +696,23 @@ def plot_isoflop(groups: dict[tuple[str, str], list[dict]], budgets: list[str], 
 
 
 def report(
-    out: Path, jobs: list[Job], budgets: list[str], report_path: Path, command: str, lr_lines: list[str] | None = None
+    out: Path,
+    jobs: list[Job],
+    budgets: list[str],
+    report_path: Path,
+    command: str,
+    lr_lines: list[str] | None = None,
+    dense_budgets: list[str] = (),
 ) -> str:
     """docs/results.md (or `report_path`): the verdicts per budget, the plots, and with `lr_lines` (a tuned study)
-    the learning-rate sweep and each budget's quality / inference-cost frontier."""
+    the learning-rate sweep and each budget's quality / inference-cost frontier. `dense_budgets`: where dense
+    alone ran, for its isoFLOP curve."""
     groups = group_runs(out, jobs)
     if not any(method == DENSE for method, _ in groups):
         raise SystemExit(f"error: no finished dense run in {out}; run the study first")
     plot_path = report_path.with_name(f"{report_path.stem}_isoflop.png")
-    plot_isoflop(groups, budgets, plot_path)
+    every_budget = sorted({*budgets, *dense_budgets}, key=_budget_tokens)
+    plot_isoflop(groups, every_budget, plot_path)
     shown = out.resolve().relative_to(REPO) if out.resolve().is_relative_to(REPO) else out
     any_run = next(iter(groups.values()))[0]
     lines = [
@@ -689,13 +731,15 @@ def report(
         "training steps plus, for LEGO, the forward that scores the next block's hard tokens. *speed-up* is the "
         "median over alternating timing rounds of full-depth over early-exit wall time (mean of the runs' "
         "medians). A verdict calls LEGO *ahead* or *behind* only when the difference of means exceeds twice "
-        "its standard error (the ± after the difference is that bound); otherwise *within noise*. Where dense's "
-        "curve is *extrapolated* past its measured FLOPs, the ± leaves out the extrapolation's own error.",
+        "its standard error (the ± after the difference is that bound); otherwise *within noise*. At equal "
+        "training FLOPs dense's PPL is read off its curve through the dense budgets' means (straight in log "
+        f"FLOPs and log PPL between them, *extrapolated* past them by at most {EXTRAPOLATE:g}x): the ± leaves out that "
+        "curve's own error, which is smaller the closer together the dense budgets are.",
         "",
         f"![test PPL vs training FLOPs]({plot_path.name})",
         "",
         *(PEER_POINTER if lr_lines is None else []),
-        *budget_lines(groups, budgets),
+        *budget_lines(groups, budgets, dense_budgets),
         *(frontier_lines(groups, budgets, report_path) if lr_lines is not None else []),
         *(lr_lines or []),
         *dense_gap_lines(groups),
@@ -703,7 +747,7 @@ def report(
     ]
     missing = [job.name for job in jobs if not (out / job.name / "results.json").is_file()]
     if missing:
-        per_budget = ", ".join(f"{b}: {sum(m.split('/')[1] == b for m in missing)}" for b in budgets
+        per_budget = ", ".join(f"{b}: {sum(m.split('/')[1] == b for m in missing)}" for b in every_budget
                                if any(m.split("/")[1] == b for m in missing))  # fmt: skip
         lines += [f"Not run yet: {len(missing)} of {len(jobs)} runs ({per_budget}); a re-run of the study "
                   "resumes them.", ""]  # fmt: skip
@@ -726,6 +770,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: all but the peers")
     parser.add_argument("--budgets", nargs="+", choices=list(BUDGETS),
                         help=f"training-token budgets, in the order given (default: {' '.join(DEFAULT_BUDGETS)})")
+    parser.add_argument("--dense-budgets", nargs="*", choices=list(BUDGETS),
+                        help="budgets where dense alone runs too, for its curve of PPL against training FLOPs "
+                             f"(default: {' '.join(PEER_DENSE_BUDGETS)} with --peers, else none)")  # fmt: skip
     parser.add_argument("--tune-lr", action="store_true",
                         help=f"first sweep each method's learning rate ({', '.join(map(str, LR_GRID))}) at "
                              "--tune-budget, then compare at the chosen rates")  # fmt: skip
@@ -744,6 +791,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.archive = args.archive or REPO / "docs" / study[2]
     args.methods = args.methods or list(PEER_STUDY if args.peers else (m for m in METHODS if m not in PEERS))
     args.budgets = args.budgets or list(PEER_BUDGETS if args.peers else DEFAULT_BUDGETS)
+    if args.dense_budgets is None:
+        args.dense_budgets = list(PEER_DENSE_BUDGETS if args.peers else ())
     args.tune_lr = args.tune_lr or args.peers
     return args
 
@@ -766,7 +815,8 @@ def tune_rates(args: argparse.Namespace) -> tuple[dict[str, float], list[str]]:
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     rates, lr_lines = tune_rates(args) if args.tune_lr else ({}, None)
-    jobs = jobs_for(args.methods, args.budgets, args.seeds, rates)
+    dense_only = [b for b in args.dense_budgets if b not in args.budgets] if DENSE in args.methods else []
+    jobs = jobs_for(args.methods, args.budgets, args.seeds, rates) + jobs_for([DENSE], dense_only, args.seeds, rates)
     if not args.report_only:
         if args.tune_lr:
             sweeps = [d / "lr_sweep" for d in (args.archive, args.out) if d]
@@ -789,6 +839,8 @@ def main(argv: list[str] | None = None) -> str:
         command += f" --tune-budget {args.tune_budget}"
     if args.budgets != list(PEER_BUDGETS if args.peers else DEFAULT_BUDGETS):
         command += f" --budgets {' '.join(args.budgets)}"
+    if args.dense_budgets != list(PEER_DENSE_BUDGETS if args.peers else ()):
+        command += f" --dense-budgets {' '.join(args.dense_budgets)}"
     by_size = sorted(args.budgets, key=_budget_tokens)
     jobs, stand_ins = with_preset_stand_ins(source, jobs)
     if stand_ins and lr_lines is not None:
@@ -797,7 +849,7 @@ def main(argv: list[str] | None = None) -> str:
             f"show these methods at their preset's rate ({PRESET_LR:g}): a tuning advantage for the others.",
             "",
         ]
-    text = report(source, jobs, by_size, args.report, command, lr_lines)
+    text = report(source, jobs, by_size, args.report, command, lr_lines, dense_only)
     print(text)
     return text
 

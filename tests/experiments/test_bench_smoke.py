@@ -85,8 +85,8 @@ def test_compare_methods_study_quick(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     report = tmp_path / "results.md"
     args = ["--quick", "--out", str(tmp_path / "runs"), "--report", str(report), "--methods", "dense", "lego r=0.3",
-            "dense MoE", "--budgets", "400k", "100k", "--seeds", "0", "1", "--archive", str(tmp_path / "archive"),
-            "--jobs", "2"]  # fmt: skip
+            "dense MoE", "--budgets", "400k", "100k", "--dense-budgets", "200k", "--seeds", "0", "1",
+            "--archive", str(tmp_path / "archive"), "--jobs", "2"]  # fmt: skip
     text = compare_methods.main(args)
     assert report.read_text() == text
     assert text.index("### 100k") < text.index("### 400k")  # budgets by size, whatever the run order
@@ -97,6 +97,11 @@ def test_compare_methods_study_quick(tmp_path, monkeypatch, capsys):
         verdict = next(line for line in section.splitlines() if line.startswith("- **lego r=0.3**"))
         assert any(word in verdict for word in ("ahead", "behind", "within noise")), verdict
     assert (tmp_path / "results_isoflop.png").stat().st_size > 1000
+    # dense alone at 200k: a point on its isoFLOP curve, in a table of its own, with no section or LEGO run
+    assert "--dense-budgets 200k`" in text and "### 200k" not in text
+    assert "| 200k | 2 |" in text.split("### Dense between the budgets")[1].split("###")[0]
+    assert sorted(p.name for p in (tmp_path / "runs" / "dense" / "200k").iterdir()) == ["seed0", "seed1"]
+    assert not (tmp_path / "runs" / "lego_r0.3" / "200k").exists()
     moe = text.split("## Mixture of Experts")[1]
     row = next(line for line in moe.splitlines() if line.startswith("| dense MoE | 2 |"))
     assert "(dense)" in row and any(word in row for word in ("ahead", "behind", "within noise")), row
@@ -104,22 +109,22 @@ def test_compare_methods_study_quick(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "results_moe.png").stat().st_size > 1000
     results = json.loads(next((tmp_path / "runs" / "dense_MoE").glob("400k/seed0/results.json")).read_text())
     assert len(results["moe"]) == 4  # every layer of the 4-layer block
-    assert len((tmp_path / "runs" / "summary.csv").read_text().splitlines()) == 1 + 10
+    assert len((tmp_path / "runs" / "summary.csv").read_text().splitlines()) == 1 + 12
     finished = sorted((tmp_path / "runs").glob("*/*/*/results.json"))
-    assert len(finished) == 10
+    assert len(finished) == 12
     assert not list((tmp_path / "runs").glob("*/*/*/stage_*/hard_tokens*.safetensors"))  # dumps removed
     stamps = [path.stat().st_mtime_ns for path in finished]
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
-    assert len(progress) == 10 and "to go)" in progress[0] and progress[-1].startswith("[10/10]")  # with an ETA
+    assert len(progress) == 12 and "to go)" in progress[0] and progress[-1].startswith("[12/12]")  # with an ETA
     compare_methods.main(args)  # a re-run skips every finished run
-    assert "10 already finished, 0 to run" in capsys.readouterr().out
+    assert "12 already finished, 0 to run" in capsys.readouterr().out
     assert [path.stat().st_mtime_ns for path in finished] == stamps
     # the archive alone (a few kB a run) reproduces the report, and a study resumes from it
-    assert len(list((tmp_path / "archive").glob("*/*/*/results.json"))) == 10
+    assert len(list((tmp_path / "archive").glob("*/*/*/results.json"))) == 12
     shutil.rmtree(tmp_path / "runs")
     assert compare_methods.main([*args, "--report-only"]) == text
     compare_methods.main(args)
-    assert "10 already finished, 0 to run" in capsys.readouterr().out
+    assert "12 already finished, 0 to run" in capsys.readouterr().out
 
 
 def test_compare_methods_chooses_each_methods_learning_rate_on_validation(tmp_path):
@@ -194,6 +199,29 @@ def test_a_sweep_at_a_compared_budget_reuses_the_comparisons_runs_and_the_other_
     assert sorted(p.parent.relative_to(target).as_posix() for p in target.glob("*/*/*/results.json")) == [
         "MoD_lr0.004/800k/seed0", "dense/800k/seed0"]  # fmt: skip
     assert cm.adopt_twins(comparison, target, [sweep], cm.sweep_twin("200k")) == 0  # a sweep at another budget
+
+
+def test_equal_flops_verdicts_read_dense_off_its_measured_points_between_the_budgets():
+    """Dense alone at a budget between the compared ones (`--dense-budgets`) is a point of its isoFLOP curve: a
+    method at that budget's FLOPs is compared with the measured dense PPL, not with the chord across the gap."""
+    from experiments import compare_methods as cm
+
+    def runs(flops, ppl):
+        run = {"train_flops": flops, "test_ppl": ppl, "test_ppl_full_depth": ppl, "honest_cost": 0.8,
+               "shallow_ratio": 0.3, "inference_speedup": 1.2}  # fmt: skip
+        return [{**run, "test_ppl": ppl * (1 + d)} for d in (-0.01, 0.01)]
+
+    groups = {("dense", "800k"): runs(1.0, 100.0), ("dense", "3.2M"): runs(4.0, 25.0),
+              ("lego r=0.3", "3.2M"): runs(2.0, 42.0)}  # fmt: skip
+    chord = cm.budget_lines(groups, ["800k", "3.2M"])
+    assert "dense interpolated to its 0.50x FLOPs: 50.00, lego r=0.3 ahead" in "\n".join(chord)
+    groups[("dense", "1.6M")] = runs(2.0, 40.0)  # the measured curve bends below the chord
+    lines = cm.budget_lines(groups, ["800k", "3.2M"], ["1.6M"])
+    text = "\n".join(lines)
+    assert "dense interpolated to its 0.50x FLOPs: 40.00, lego r=0.3 behind" in text
+    table = text.split("### Dense between the budgets")[1].split("###")[0]
+    assert "| 1.6M | 2 | 40.00 ± 0.57 | 0.50 ± 0.00 |" in table and "| 3.2M | 2 |" in table
+    assert "### 1.6M" not in text  # a dense-only budget has no section of its own
 
 
 def test_the_frontier_verdict_names_the_best_method_at_three_quarters_of_dense_cost():
