@@ -424,7 +424,7 @@ def budget_lines(
             flops = stat(runs, "train_flops").mean
             iso = interpolate_log(dense_curve, flops)
             iso_text = (
-                f"dense {'extrapolated' if iso[1] else 'interpolated'} to its {flops / dense_flops:.2f}x FLOPs: "
+                f"dense {'extrapolated' if iso[1] else 'interpolated'} to {method}'s {flops / dense_flops:.2f}x FLOPs: "
                 f"{iso[0]:.2f}, {method} {verdict(calibrated, Stat(iso[0], dense_ppl.sd, dense_ppl.n))}"
                 if iso is not None
                 else f"its {flops / dense_flops:.2f}x dense FLOPs is outside the dense runs' range"

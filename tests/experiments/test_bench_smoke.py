@@ -214,11 +214,11 @@ def test_equal_flops_verdicts_read_dense_off_its_measured_points_between_the_bud
     groups = {("dense", "800k"): runs(1.0, 100.0), ("dense", "3.2M"): runs(4.0, 25.0),
               ("lego r=0.3", "3.2M"): runs(2.0, 42.0)}  # fmt: skip
     chord = cm.budget_lines(groups, ["800k", "3.2M"])
-    assert "dense interpolated to its 0.50x FLOPs: 50.00, lego r=0.3 ahead" in "\n".join(chord)
+    assert "dense interpolated to lego r=0.3's 0.50x FLOPs: 50.00, lego r=0.3 ahead" in "\n".join(chord)
     groups[("dense", "1.6M")] = runs(2.0, 40.0)  # the measured curve bends below the chord
     lines = cm.budget_lines(groups, ["800k", "3.2M"], ["1.6M"])
     text = "\n".join(lines)
-    assert "dense interpolated to its 0.50x FLOPs: 40.00, lego r=0.3 behind" in text
+    assert "dense interpolated to lego r=0.3's 0.50x FLOPs: 40.00, lego r=0.3 behind" in text
     table = text.split("### Dense between the budgets")[1].split("###")[0]
     assert "| 1.6M | 2 | 40.00 ± 0.57 | 0.50 ± 0.00 |" in table and "| 3.2M | 2 |" in table
     assert "### 1.6M" not in text  # a dense-only budget has no section of its own
