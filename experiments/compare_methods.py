@@ -89,6 +89,7 @@ PEER_DENSE_BUDGETS = ("1.6M", "2.4M")
 LR_GRID = (5e-4, 1e-3, 2e-3, 4e-3)
 PRESET_LR = 1e-3  # every compare preset's learning rate (conf/experiment/compare_*.yaml)
 TUNE_BUDGET = "400k"
+PEER_TUNE_BUDGET = "800k"  # the peer study tunes at its smaller budget: rates tuned at 200k did worse at 800k
 # each MoE method and its dense-FFN twin
 MOE_PAIRS = {"dense MoE": DENSE, "lego r=0.3 MoE": "lego r=0.3", "lego r=0.3 MoE in Block 1": "lego r=0.3"}
 # budget name -> (max_train_tokens, epochs); 400k is the compare presets' own budget (conf/experiment/compare_*)
@@ -776,11 +777,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tune-lr", action="store_true",
                         help=f"first sweep each method's learning rate ({', '.join(map(str, LR_GRID))}) at "
                              "--tune-budget, then compare at the chosen rates")  # fmt: skip
-    parser.add_argument("--tune-budget", choices=list(BUDGETS), default=TUNE_BUDGET,
-                        help=f"the learning-rate sweep's budget (default: {TUNE_BUDGET})")
+    parser.add_argument("--tune-budget", choices=list(BUDGETS),
+                        help=f"the learning-rate sweep's budget (default: {PEER_TUNE_BUDGET} with --peers, "
+                             f"else {TUNE_BUDGET})")  # fmt: skip
     parser.add_argument("--peers", action="store_true",
-                        help="the peer study: dense, LEGO r=0.3/0.5, MoD, LayerSkip at 800k and 3.2M tokens, tuned "
-                             "learning rates, into outputs/peers, docs/peers.md and docs/peer_runs")  # fmt: skip
+                        help="the peer study: dense, LEGO r=0.3/0.5, MoD, LayerSkip at 800k and 3.2M tokens (dense "
+                             "also at 1.6M and 2.4M), learning rates tuned at 800k, into outputs/peers, "
+                             "docs/peers.md and docs/peer_runs")  # fmt: skip
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cores / jobs threads)")
     parser.add_argument("--keep-dumps", action="store_true", help="keep each stage's hard-token dump")
@@ -794,6 +797,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.dense_budgets is None:
         args.dense_budgets = list(PEER_DENSE_BUDGETS if args.peers else ())
     args.tune_lr = args.tune_lr or args.peers
+    args.tune_budget = args.tune_budget or (PEER_TUNE_BUDGET if args.peers else TUNE_BUDGET)
     return args
 
 
@@ -835,7 +839,7 @@ def main(argv: list[str] | None = None) -> str:
     print(f"sweep report: {files.html} ({files.finished} runs)")
     command = "python experiments/compare_methods.py" + (" --peers" if args.peers else "")
     command += " --quick" if args.quick else ""
-    if args.tune_lr and args.tune_budget != TUNE_BUDGET:
+    if args.tune_lr and args.tune_budget != (PEER_TUNE_BUDGET if args.peers else TUNE_BUDGET):
         command += f" --tune-budget {args.tune_budget}"
     if args.budgets != list(PEER_BUDGETS if args.peers else DEFAULT_BUDGETS):
         command += f" --budgets {' '.join(args.budgets)}"

@@ -201,6 +201,22 @@ def test_a_sweep_at_a_compared_budget_reuses_the_comparisons_runs_and_the_other_
     assert cm.adopt_twins(comparison, target, [sweep], cm.sweep_twin("200k")) == 0  # a sweep at another budget
 
 
+def test_the_peer_study_is_one_flag():
+    """`--peers` alone is the published study: its methods, budgets, dense's extra budgets and the tuning budget;
+    without it, the untuned study's defaults."""
+    from experiments import compare_methods as cm
+
+    peers = cm.parse_args(["--peers"])
+    assert (peers.methods, peers.budgets) == (list(cm.PEER_STUDY), ["800k", "3.2M"])
+    assert (peers.tune_lr, peers.tune_budget, peers.dense_budgets) == (True, "800k", ["1.6M", "2.4M"])
+    assert peers.report.name == "peers.md" and peers.archive.name == "peer_runs"
+    plain = cm.parse_args([])
+    assert (plain.tune_lr, plain.tune_budget, plain.dense_budgets) == (False, "400k", [])
+    assert "MoD" not in plain.methods and plain.report.name == "results.md"
+    other = cm.parse_args(["--peers", "--tune-budget", "200k", "--dense-budgets"])
+    assert (other.tune_budget, other.dense_budgets) == ("200k", [])
+
+
 def test_equal_flops_verdicts_read_dense_off_its_measured_points_between_the_budgets():
     """Dense alone at a budget between the compared ones (`--dense-budgets`) is a point of its isoFLOP curve: a
     method at that budget's FLOPs is compared with the measured dense PPL, not with the chord across the gap."""
