@@ -452,7 +452,7 @@ def dense_curve_lines(
     lines = [
         "### Dense between the budgets",
         "",
-        f"Dense alone also ran at {', '.join(measured)} tokens: points on its curve of test PPL against training "
+        f"Dense alone also ran at {' and '.join(measured)} tokens: points on its curve of test PPL against training "
         "FLOPs (the plot above) through which every equal-training-FLOPs verdict below interpolates.",
         "",
         f"| budget | seeds | test PPL | train FLOPs vs dense at {largest} |",
