@@ -518,8 +518,8 @@ def _budget_tokens(budget: str) -> int:
 
 def plot_frontier(groups: dict[tuple[str, str], list[dict]], budget: str, path: Path) -> bytes:
     """The quality / inference-cost frontier at one budget: test PPL against honest inference cost along each
-    method's threshold scan (mean over seeds per exit share, error bars = seed sd); a method without early exit
-    is one point."""
+    method's threshold scan (mean over seeds per exit share, a band of ± the seed sd); a method without early
+    exit is one point with error bars."""
     from lego.report.plots import plot_series
 
     series = {}
@@ -535,7 +535,8 @@ def plot_frontier(groups: dict[tuple[str, str], list[dict]], budget: str, path: 
         series[method] = points
     return plot_series(
         series, path, xlabel="honest inference cost (x dense)", ylabel="test PPL",
-        title=f"Quality vs inference cost, {budget} tokens (threshold scans; error bars: sd over seeds)",
+        title=f"Quality vs inference cost, {budget} tokens (threshold scans; bands and bars: sd over seeds)",
+        band=True,
     )  # fmt: skip
 
 

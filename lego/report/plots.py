@@ -232,15 +232,22 @@ def plot_series(
     title: str,
     log_x: bool = False,
     log_y: bool = False,
+    band: bool = False,
 ) -> bytes:
     """One line per series through points {x, y, xerr, yerr, label}, error bars on both axes, each point
-    annotated with its label (e.g. a token budget)."""
+    annotated with its label (e.g. a token budget). `band`: a series along several x values shows its y spread as a
+    shaded band along the line instead of y error bars (a scan's seed band)."""
     fig = Figure(figsize=(9.5, 5.2), layout="constrained")
     ax = fig.add_subplot()
     for i, (name, points) in enumerate(series.items()):
         xs, ys = [p["x"] for p in points], [p["y"] for p in points]
-        ax.errorbar(xs, ys, xerr=[_zero(p.get("xerr")) for p in points], yerr=[_zero(p.get("yerr")) for p in points],
-                    color=color(i), marker="o", capsize=3, label=name)  # fmt: skip
+        yerr = [_zero(p.get("yerr")) for p in points]
+        shaded = band and len(set(xs)) > 1  # a line to shade along, not points stacked at one x
+        if shaded:
+            low, high = [y - e for y, e in zip(ys, yerr, strict=True)], [y + e for y, e in zip(ys, yerr, strict=True)]
+            ax.fill_between(xs, low, high, color=color(i), alpha=0.2, linewidth=0)
+        ax.errorbar(xs, ys, xerr=[_zero(p.get("xerr")) for p in points], yerr=None if shaded else yerr, color=color(i),
+                    marker="o", markersize=4 if shaded else 6, capsize=0 if shaded else 3, label=name)  # fmt: skip
         for point in points:
             ax.annotate(point.get("label", ""), (point["x"], point["y"]), textcoords="offset points", xytext=(5, 5),
                         fontsize=8, color=color(i))  # fmt: skip

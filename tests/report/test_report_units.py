@@ -34,3 +34,17 @@ def test_isoflop_interpolation_in_log_log():
     assert interpolate_log(points, 2.0) == (pytest.approx(100 / 2**0.5), False)  # halfway in log x: the geometric mean
     assert interpolate_log(points, 0.8)[1] and interpolate_log(points, 10.0)[1]  # extended end segments
     assert interpolate_log(points, 0.5) is None and interpolate_log(points[:1], 1.0) is None
+
+
+def test_a_scan_shows_its_seed_spread_as_a_band_and_a_single_cost_keeps_its_error_bars(tmp_path):
+    """`plot_series(band=True)`: a line along several x values draws its y spread as a shaded band (the picture
+    changes); points stacked at one x (a method without early exit) are drawn exactly as without the band."""
+    from lego.report.plots import plot_series
+
+    def draw(series, band):
+        return plot_series(series, tmp_path / "p.png", xlabel="cost", ylabel="PPL", title="t", band=band)
+
+    scan = {"scan": [{"x": x, "y": 100 - 10 * x, "xerr": 0.0, "yerr": 3.0} for x in (0.6, 0.8, 1.0)]}
+    assert draw(scan, True) != draw(scan, False)
+    stacked = {"dense": [{"x": 1.0, "y": 90.0, "xerr": 0.0, "yerr": 3.0} for _ in range(3)]}
+    assert draw(stacked, True) == draw(stacked, False)
