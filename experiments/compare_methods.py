@@ -37,6 +37,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import fmean
 
 from lego.atomic import atomic_write
 from lego.pipeline.files import read_json
@@ -466,6 +467,25 @@ def dense_curve_lines(
     return [*lines, ""]
 
 
+def mod_routing_lines(groups: dict[tuple[str, str], list[dict]], budgets: list[str]) -> list[str]:
+    """How Mixture-of-Depths' test PPL was scored (its routing at evaluation) and what the non-causal top-k
+    routing of training would have scored, per budget."""
+    lines = []
+    for budget in budgets:
+        runs = [run for run in groups.get(("MoD", budget), []) if run.get("mod")]
+        if not runs:
+            continue
+        shares = Stat.of([fmean(run["mod"]["test_routed_share"].values()) for run in runs])
+        kind, _, rule = runs[0]["mod"]["test_ppl_routing"].partition(": ")
+        lines.append(
+            f"- {budget}: test PPL {stat(runs, 'test_ppl')} with {kind} routing ({rule}), routing "
+            f"{shares.mean:.1%} of the test tokens per routed layer (training's capacity "
+            f"{runs[0]['mod']['capacity']:.1%}); training's top-k routing, which reads later tokens, would score "
+            f"{Stat.of([run['mod']['test_ppl_topk'] for run in runs])}."
+        )
+    return ["## How Mixture-of-Depths was scored", "", *lines, ""] if lines else []
+
+
 def _dense(method: str) -> bool:
     """A dense baseline (no verdict of its own): `dense` and its variants."""
     return method.startswith("dense")
@@ -743,6 +763,7 @@ def report(
         *(PEER_POINTER if lr_lines is None else []),
         *budget_lines(groups, budgets, dense_budgets),
         *(frontier_lines(groups, budgets, report_path) if lr_lines is not None else []),
+        *mod_routing_lines(groups, budgets),
         *(lr_lines or []),
         *dense_gap_lines(groups),
         *moe_lines(groups, report_path.with_name(f"{report_path.stem}_moe.png")),

@@ -217,6 +217,23 @@ def test_the_peer_study_is_one_flag():
     assert (other.tune_budget, other.dense_budgets) == ("200k", [])
 
 
+def test_the_peer_report_says_how_mixture_of_depths_was_scored():
+    from experiments import compare_methods as cm
+
+    def run(ppl, topk, shares):
+        mod = {"capacity": 0.125, "test_ppl_routing": "causal: routed where sigmoid(score) >= 0.5",
+               "test_routed_share": dict(enumerate(shares)), "test_ppl_topk": topk}  # fmt: skip
+        return {"test_ppl": ppl, "mod": mod}
+
+    groups = {("MoD", "800k"): [run(50.0, 49.0, (0.10, 0.12)), run(52.0, 51.0, (0.12, 0.14))]}
+    assert cm.mod_routing_lines(groups, ["800k", "3.2M"]) == [
+        "## How Mixture-of-Depths was scored", "",
+        "- 800k: test PPL 51.00 ± 1.41 with causal routing (routed where sigmoid(score) >= 0.5), routing 12.0% of "
+        "the test tokens per routed layer (training's capacity 12.5%); training's top-k routing, which reads later "
+        "tokens, would score 50.00 ± 1.41.", ""]  # fmt: skip
+    assert cm.mod_routing_lines({("dense", "800k"): [{"test_ppl": 1.0}]}, ["800k"]) == []
+
+
 def test_equal_flops_verdicts_read_dense_off_its_measured_points_between_the_budgets():
     """Dense alone at a budget between the compared ones (`--dense-budgets`) is a point of its isoFLOP curve: a
     method at that budget's FLOPs is compared with the measured dense PPL, not with the chord across the gap."""
