@@ -11,14 +11,15 @@ and a markdown verdict with an isoFLOP plot into docs/:
     python experiments/compare_methods.py --peers      # LEGO against MoD and LayerSkip: outputs/peers, docs/peers.md
 
 `--peers` (issue 21) runs dense, LEGO 2+2 at r=0.3 and r=0.5, Mixture-of-Depths and the LayerSkip-style model at 800k
-and 3.2M training tokens (four passes over 800k: the embedded corpus runs out), 3 seeds each, each method at its own
-learning rate: `--tune-lr` (which `--peers` implies) first sweeps every method over LR_GRID (an 8x span) at one
-budget and takes the rate with the lowest *validation* objective. Its report adds the sweep's table and, per budget,
-the quality / inference-cost frontier: each method's threshold scan as a curve.
+and 3.2M training tokens (four passes over 800k: the embedded corpus runs out), 3 seeds each, and dense alone at 1.6M
+and 2.4M too (points on its FLOPs-vs-PPL curve), each method at its own learning rate: `--tune-lr` (which `--peers`
+implies) first sweeps every method over LR_GRID (an 8x span) at 800k and takes the rate with the lowest *validation*
+objective. Its report adds the sweep's table, how MoD was scored and, per budget, the quality / inference-cost
+frontier: each method's threshold scan as a curve with a seed band.
 
 Every run of a method differs only in `seed` (model initialisation and data order; the train/val/test
 split has its own fixed `data.split_seed`), so the spread over seeds is the noise floor of a comparison.
-Budgets are training tokens: one pass over the first N training tokens, or two passes over half of them
+Budgets are training tokens: one pass over the first N training tokens, or several passes over 800k of them
 where the corpus (about 964k training tokens) runs out. Each verdict compares LEGO with dense at equal
 training FLOPs (dense's PPL interpolated on its own FLOPs-vs-PPL curve) and at equal inference cost.
 """
@@ -103,7 +104,7 @@ BUDGETS: dict[str, tuple[int, int]] = {
     "2.4M": (800_000, 3),
     "3.2M": (800_000, 4),
 }
-# run in this order: the noise floor first, then the 8x span; 200k and 1.6M (two passes over 800k) on request
+# run in this order: the noise floor first, then the 8x span; the others (1.6M-3.2M: 2-4 passes over 800k) on request
 DEFAULT_BUDGETS = ("400k", "100k", "800k")
 # Every budget keeps the compare presets' schedule shape: 50 warmup steps at 400k tokens, scaled with the budget
 # (100k tokens are 49 steps: a fixed 50-step warmup would never reach the peak learning rate).
