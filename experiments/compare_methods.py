@@ -34,7 +34,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -384,7 +384,7 @@ def stat(runs: list[dict], key: str) -> Stat:
 
 
 def budget_lines(
-    groups: dict[tuple[str, str], list[dict]], budgets: list[str], dense_budgets: list[str] = ()
+    groups: dict[tuple[str, str], list[dict]], budgets: list[str], dense_budgets: Sequence[str] = ()
 ) -> list[str]:
     """Per budget: the table (mean ± sd over seeds) and the LEGO-vs-dense verdicts; dense's isoFLOP curve also
     runs through its runs at `dense_budgets` (listed in a table of their own)."""
@@ -442,7 +442,7 @@ def budget_lines(
 
 
 def dense_curve_lines(
-    groups: dict[tuple[str, str], list[dict]], budgets: list[str], dense_budgets: list[str]
+    groups: dict[tuple[str, str], list[dict]], budgets: list[str], dense_budgets: Sequence[str]
 ) -> list[str]:
     """Dense's runs at the budgets only it runs at: the points its isoFLOP curve passes through between the
     compared budgets, so that an equal-training-FLOPs verdict interpolates over a short span."""
@@ -725,7 +725,7 @@ def report(
     report_path: Path,
     command: str,
     lr_lines: list[str] | None = None,
-    dense_budgets: list[str] = (),
+    dense_budgets: Sequence[str] = (),
 ) -> str:
     """docs/results.md (or `report_path`): the verdicts per budget, the plots, and with `lr_lines` (a tuned study)
     the learning-rate sweep and each budget's quality / inference-cost frontier. `dense_budgets`: where dense
@@ -816,12 +816,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.report = args.report or REPO / "docs" / study[1]
     args.archive = args.archive or REPO / "docs" / study[2]
     args.methods = args.methods or list(PEER_STUDY if args.peers else (m for m in METHODS if m not in PEERS))
-    args.budgets = args.budgets or list(PEER_BUDGETS if args.peers else DEFAULT_BUDGETS)
-    if args.dense_budgets is None:
-        args.dense_budgets = list(PEER_DENSE_BUDGETS if args.peers else ())
+    for key, default in study_defaults(args.peers).items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)
     args.tune_lr = args.tune_lr or args.peers
-    args.tune_budget = args.tune_budget or (PEER_TUNE_BUDGET if args.peers else TUNE_BUDGET)
     return args
+
+
+def study_defaults(peers: bool) -> dict[str, list[str] | str]:
+    """The budgets, dense's extra budgets and the tuning budget of the peer study or of the untuned one: what an
+    option left out means, and what the report's command line leaves out."""
+    if peers:
+        return {"budgets": list(PEER_BUDGETS), "dense_budgets": list(PEER_DENSE_BUDGETS),
+                "tune_budget": PEER_TUNE_BUDGET}
+    return {"budgets": list(DEFAULT_BUDGETS), "dense_budgets": [], "tune_budget": TUNE_BUDGET}
 
 
 def tune_rates(args: argparse.Namespace) -> tuple[dict[str, float], list[str]]:
@@ -862,12 +870,12 @@ def main(argv: list[str] | None = None) -> str:
     print(f"sweep report: {files.html} ({files.finished} runs)")
     command = "python experiments/compare_methods.py" + (" --peers" if args.peers else "")
     command += " --quick" if args.quick else ""
-    if args.tune_lr and args.tune_budget != (PEER_TUNE_BUDGET if args.peers else TUNE_BUDGET):
+    defaults = study_defaults(args.peers)
+    if args.tune_lr and args.tune_budget != defaults["tune_budget"]:
         command += f" --tune-budget {args.tune_budget}"
-    if args.budgets != list(PEER_BUDGETS if args.peers else DEFAULT_BUDGETS):
-        command += f" --budgets {' '.join(args.budgets)}"
-    if args.dense_budgets != list(PEER_DENSE_BUDGETS if args.peers else ()):
-        command += f" --dense-budgets {' '.join(args.dense_budgets)}"
+    for key in ("budgets", "dense_budgets"):
+        if getattr(args, key) != defaults[key]:
+            command += f" --{key.replace('_', '-')} {' '.join(getattr(args, key))}"
     by_size = sorted(args.budgets, key=_budget_tokens)
     jobs, stand_ins = with_preset_stand_ins(source, jobs)
     if stand_ins and lr_lines is not None:
