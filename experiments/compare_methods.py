@@ -875,7 +875,7 @@ def main(argv: list[str] | None = None) -> str:
         command += f" --tune-budget {args.tune_budget}"
     for key in ("budgets", "dense_budgets"):
         if getattr(args, key) != defaults[key]:
-            command += f" --{key.replace('_', '-')} {' '.join(getattr(args, key))}"
+            command += " " + " ".join([f"--{key.replace('_', '-')}", *getattr(args, key)])
     by_size = sorted(args.budgets, key=_budget_tokens)
     jobs, stand_ins = with_preset_stand_ins(source, jobs)
     if stand_ins and lr_lines is not None:
